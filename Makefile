@@ -1,0 +1,42 @@
+# The two commands of the README:
+#   make demo   set up .venv, build the offline models and demo slides, run the pipeline
+#   make test   set up .venv and run the test suite
+# Everything else is a step of those two.
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+CORES ?= all
+
+.PHONY: setup demo test models demo-data bench clean
+
+# pip resolves the pinned set from pyproject.toml; torch/torchvision are pinned there.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip==25.3"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+models/tiny-clip/open_clip_model.pt: | setup
+	pathgen models tiny --out models
+
+data/slides.tsv: | setup
+	pathgen demo --root .
+
+models: models/tiny-clip/open_clip_model.pt
+demo-data: data/slides.tsv
+
+demo: setup models demo-data
+	snakemake --cores $(CORES)
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup models demo-data
+	$(BIN)/python bench/embed.py
+
+clean:
+	rm -rf data/tiles data/embeddings data/prompts data/selection data/patches logs .snakemake

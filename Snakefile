@@ -1,0 +1,26 @@
+"""PathGen builder: whole-slide images -> representative patches -> (captions, later steps).
+
+    snakemake                     # build everything the manifest asks for (profiles/default)
+    snakemake --profile slurm     # the same on a SLURM cluster
+    snakemake -n                  # what would run
+
+One rule file per step under rules/; every rule calls `pathgen <step>`, the
+same command a DVC stage runs. params.yaml is validated before any job.
+"""
+
+configfile: "params.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/tile.smk"
+include: "rules/embed.smk"
+include: "rules/prompts.smk"
+include: "rules/select.smk"
+include: "rules/patches.smk"
+
+
+rule all:
+    """Every slide of the manifest through the patches step, with its pictures."""
+    input:
+        expand("data/patches/{slide}.tar", slide=SLIDE_IDS),
+        expand("data/selection/{slide}.png", slide=SLIDE_IDS),

@@ -1,0 +1,200 @@
+"""`pathgen <step> ...`: one command per pipeline step, called by Snakemake rules and DVC stages.
+
+A step's parameters come from `--params params.yaml` (the step's sections are
+taken and validated) or, as the rules pass them, `--params-json` holding
+exactly those sections. Errors caused by the input print one line naming the
+culprit and exit with status 2; with `--log FILE` the step's own output goes
+to FILE and the error line to both FILE and stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from pathgen.config import load_params, parse_step_params, step_params
+from pathgen.errors import PathgenError
+
+log = logging.getLogger("pathgen")
+
+
+def _params(args: argparse.Namespace, step: str) -> dict[str, Any]:
+    if args.params_json is not None:
+        return parse_step_params(args.params_json, step)
+    return step_params(load_params(args.params), step)
+
+
+def _mpp(text: str | None) -> float | None:
+    return float(text) if text not in (None, "", "None") else None
+
+
+def cmd_tile(args: argparse.Namespace) -> None:
+    from pathgen.tile import run_tile
+
+    params = _params(args, "tile")["tile"]
+    grid = run_tile(args.wsi, args.slide_id, params, args.grid, args.thumbnail, args.info, _mpp(args.mpp))
+    log.info("tile %s: %d patches", args.slide_id, grid.height)
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    from pathgen.embed import run_embed
+
+    params = _params(args, "embed")
+    features = run_embed(args.wsi, args.slide_id, args.grid, params["clip"], params["embed"], args.out,
+                         _mpp(args.mpp), threads=args.threads, progress=not args.no_progress)
+    log.info("embed %s: %d patches x %d dims", args.slide_id, *features.shape)
+
+
+def cmd_prompts(args: argparse.Namespace) -> None:
+    from pathgen.prompts import build_prompts, write_prompts
+
+    params = _params(args, "prompts")["prompts"]
+    frame = build_prompts(args.slide_id, args.tissue, args.project or None, args.report or None, params)
+    write_prompts(frame, args.out)
+    log.info("prompts %s: %d prompts", args.slide_id, frame.height)
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    import json
+
+    from pathgen.select import run_select
+
+    params = _params(args, "select")
+    info = json.loads(Path(args.info).read_text())
+    selection = run_select(args.slide_id, args.embeddings, args.prompts, args.thumbnail, info, params,
+                           args.out, args.overlay)
+    log.info("select %s: %d candidates, %d kept", args.slide_id, selection.height, int(selection["kept"].sum()))
+
+
+def cmd_patches(args: argparse.Namespace) -> None:
+    from pathgen.patches import run_patches
+
+    count = run_patches(args.wsi, args.slide_id, args.selection, _params(args, "patches")["patches"], args.out,
+                        _mpp(args.mpp))
+    log.info("patches %s: %d patches", args.slide_id, count)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from pathgen.demo import make_demo
+
+    manifest = make_demo(Path(args.root), seed=args.seed, scale=args.scale)
+    print(manifest)
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from pathgen.tiny_models import build_tiny_clip
+
+    print(build_tiny_clip(Path(args.out) / "tiny-clip", seed=args.seed))
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    from pathgen.manifest import read_manifest
+
+    params = load_params(args.params)
+    slides = read_manifest(params["manifest"])
+    print(f"{args.params}: valid; {params['manifest']}: {len(slides)} slide(s)")
+
+
+def _add_step_io(p: argparse.ArgumentParser, wsi: bool = True) -> None:
+    if wsi:
+        p.add_argument("wsi", help="whole-slide image file")
+    p.add_argument("--slide-id", required=True)
+    p.add_argument("--params", default="params.yaml", help="params.yaml to take this step's sections from")
+    p.add_argument("--params-json", help="this step's params.yaml sections as JSON (as rules pass them)")
+    p.add_argument("--log", help="write this step's log here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pathgen", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tile", help="segment tissue and lay the patch grid of one slide")
+    _add_step_io(p)
+    p.add_argument("--mpp", help="µm/px override from the manifest")
+    p.add_argument("--grid", required=True, help="output tile grid (parquet)")
+    p.add_argument("--thumbnail", required=True, help="output thumbnail with mask outline (PNG)")
+    p.add_argument("--info", required=True, help="output slide info (JSON)")
+    p.set_defaults(func=cmd_tile)
+
+    p = sub.add_parser("embed", help="CLIP image features of a slide's tiles into Zarr")
+    _add_step_io(p)
+    p.add_argument("--mpp")
+    p.add_argument("--grid", required=True, help="tile grid from `pathgen tile`")
+    p.add_argument("--out", required=True, help="output embeddings store (.zarr directory)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("prompts", help="report and attribute retrieval prompts of one slide")
+    _add_step_io(p, wsi=False)
+    p.add_argument("--tissue", required=True)
+    p.add_argument("--project", default="")
+    p.add_argument("--report", default="", help="report text file (optional)")
+    p.add_argument("--out", required=True, help="output prompts (parquet)")
+    p.set_defaults(func=cmd_prompts)
+
+    p = sub.add_parser("select", help="representative patches: retrieval + k-means + near-duplicate filter")
+    _add_step_io(p, wsi=False)
+    p.add_argument("--embeddings", required=True)
+    p.add_argument("--prompts", required=True)
+    p.add_argument("--thumbnail", required=True, help="thumbnail from `pathgen tile`")
+    p.add_argument("--info", required=True, help="slide info from `pathgen tile`")
+    p.add_argument("--out", required=True, help="output selection (parquet)")
+    p.add_argument("--overlay", required=True, help="output overlay (PNG)")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("patches", help="cut the kept patches of one slide into a tar of JPEGs")
+    _add_step_io(p)
+    p.add_argument("--mpp")
+    p.add_argument("--selection", required=True)
+    p.add_argument("--out", required=True, help="output tar")
+    p.set_defaults(func=cmd_patches)
+
+    p = sub.add_parser("demo", help="write the synthetic demo slides, reports and manifest")
+    p.add_argument("--root", default=".", help="project root (writes data/demo/ and data/slides.tsv)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="<1 for smaller slides")
+    p.set_defaults(func=cmd_demo, log=None)
+
+    p = sub.add_parser("models", help="build offline models")
+    p.add_argument("kind", choices=["tiny"], help="tiny: random-weight models with the real architectures")
+    p.add_argument("--out", default="models")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_models, log=None)
+
+    p = sub.add_parser("validate", help="check params.yaml against its schema and read the manifest")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=cmd_validate, log=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    real_stderr = sys.stderr
+    log_file = None
+    if getattr(args, "log", None):
+        Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(args.log, "w", buffering=1)
+        sys.stderr = log_file
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except PathgenError as exc:
+        line = f"pathgen {args.command}: error: {exc}"
+        if log_file is not None:
+            print(line, file=log_file)
+        print(line, file=real_stderr)
+        return 2
+    finally:
+        sys.stderr = real_stderr
+        if log_file is not None:
+            log_file.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

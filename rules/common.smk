@@ -1,0 +1,40 @@
+# Shared by all rules: params.yaml validation, the slide manifest, input functions.
+# No pipeline logic here: every step is a `pathgen` command.
+
+from pathgen.codehash import code_hash
+from pathgen.config import step_params_json, validate_params
+from pathgen.errors import PathgenError
+from pathgen.manifest import SLIDE_ID, read_manifest
+
+try:
+    validate_params(config, source="params.yaml (with --config overrides)")
+    SLIDES = {entry.slide_id: entry for entry in read_manifest(config["manifest"])}
+except PathgenError as exc:
+    raise WorkflowError(f"pathgen: {exc}") from None
+
+SLIDE_IDS = sorted(SLIDES)
+
+
+wildcard_constraints:
+    slide=SLIDE_ID.pattern.strip("^$"),
+
+
+def slide_path(wildcards):
+    return SLIDES[wildcards.slide].path
+
+
+def slide_mpp(wildcards):
+    mpp = SLIDES[wildcards.slide].mpp
+    return "" if mpp is None else repr(mpp)
+
+
+def slide_report(wildcards):
+    report = SLIDES[wildcards.slide].report
+    return [report] if report else []
+
+
+def clip_files(wildcards):
+    files = [config["clip"]["checkpoint"]]
+    if config["clip"]["config"]:
+        files.append(config["clip"]["config"])
+    return files
