@@ -19,6 +19,11 @@ wildcard_constraints:
     slide=SLIDE_ID.pattern.strip("^$"),
 
 
+def step_view(step):
+    """The step's params.yaml sections as JSON; a function, so '{...}' in values is not a wildcard."""
+    return lambda wildcards: step_params_json(config, step)
+
+
 def slide_path(wildcards):
     return SLIDES[wildcards.slide].path
 
@@ -29,8 +34,8 @@ def slide_mpp(wildcards):
 
 
 def slide_report(wildcards):
-    report = SLIDES[wildcards.slide].report
-    return [report] if report else []
+    report_file = SLIDES[wildcards.slide].report
+    return [report_file] if report_file else []
 
 
 def clip_files(wildcards):

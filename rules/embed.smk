@@ -7,7 +7,7 @@ rule embed:
     output:
         directory("data/embeddings/{slide}.zarr"),
     params:
-        step=step_params_json(config, "embed"),
+        step=step_view("embed"),
         code=code_hash("embed"),
         mpp=slide_mpp,
     log:

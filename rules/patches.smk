@@ -6,7 +6,7 @@ rule patches:
     output:
         "data/patches/{slide}.tar",
     params:
-        step=step_params_json(config, "patches"),
+        step=step_view("patches"),
         code=code_hash("patches"),
         mpp=slide_mpp,
     log:

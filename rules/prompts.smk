@@ -5,7 +5,7 @@ rule prompts:
     output:
         "data/prompts/{slide}.parquet",
     params:
-        step=step_params_json(config, "prompts"),
+        step=step_view("prompts"),
         code=code_hash("prompts"),
         tissue=lambda wc: SLIDES[wc.slide].tissue,
         project=lambda wc: SLIDES[wc.slide].project or "",
@@ -16,5 +16,5 @@ rule prompts:
         mem_mb=500,
         runtime=5,
     shell:
-        "pathgen prompts --slide-id {wildcards.slide} --tissue {params.tissue:q} --project {params.project:q}"
-        " --report '{input.report}' --params-json {params.step:q} --out {output} --log {log}"
+        "pathgen prompts --slide-id {wildcards.slide} --tissue={params.tissue:q} --project={params.project:q}"
+        " --report='{input.report}' --params-json {params.step:q} --out {output} --log {log}"

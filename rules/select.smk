@@ -10,7 +10,7 @@ rule select:
         selection="data/selection/{slide}.parquet",
         overlay=report("data/selection/{slide}.png", category="Selected patches", labels={"slide": "{slide}"}),
     params:
-        step=step_params_json(config, "select"),
+        step=step_view("select"),
         code=code_hash("select"),
     log:
         "logs/select/{slide}.log",

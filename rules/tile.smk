@@ -7,7 +7,7 @@ rule tile:
         thumbnail=report("data/tiles/{slide}.png", category="Tissue masks", labels={"slide": "{slide}"}),
         info="data/tiles/{slide}.json",
     params:
-        step=step_params_json(config, "tile"),
+        step=step_view("tile"),
         code=code_hash("tile"),
         mpp=slide_mpp,
     log:
