@@ -77,6 +77,54 @@ def cmd_patches(args: argparse.Namespace) -> None:
     log.info("patches %s: %d patches", args.slide_id, count)
 
 
+def _write_stats(args: argparse.Namespace, step: str, stats: dict[str, int]) -> None:
+    import json
+
+    log.info("%s %s: cache %s", step, args.shard, " ".join(f"{k}={v}" for k, v in sorted(stats.items())))
+    if args.stats:
+        from pathgen.io import write_json
+
+        write_json({"step": step, "shard": args.shard, **stats}, args.stats)
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def cmd_caption(args: argparse.Namespace) -> None:
+    import json
+
+    from pathgen.caption import run_caption
+
+    _threads(args)
+    settings = _params(args, "caption")["describe"]
+    stats = run_caption(args.patches, json.loads(args.slides_json), settings, args.cache_dir, args.flush_every, args.out)
+    _write_stats(args, "caption", stats)
+
+
+def cmd_revise(args: argparse.Namespace) -> None:
+    import json
+
+    from pathgen.revise import run_revise
+
+    _threads(args)
+    settings = _params(args, "revise")["revise"]
+    stats = run_revise(args.patches, json.loads(args.slides_json), args.captions, settings, args.cache_dir,
+                       args.flush_every, args.out)
+    _write_stats(args, "revise", stats)
+
+
+def cmd_summarize(args: argparse.Namespace) -> None:
+    from pathgen.summarize import run_summarize
+
+    settings = _params(args, "summarize")["summarize"]
+    stats = run_summarize(args.revised, settings, args.cache_dir, args.flush_every, args.out, threads=args.threads)
+    _write_stats(args, "summarize", stats)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from pathgen.demo import make_demo
 
@@ -98,10 +146,11 @@ def cmd_validate(args: argparse.Namespace) -> None:
     print(f"{args.params}: valid; {params['manifest']}: {len(slides)} slide(s)")
 
 
-def _add_step_io(p: argparse.ArgumentParser, wsi: bool = True) -> None:
+def _add_step_io(p: argparse.ArgumentParser, wsi: bool = True, slide: bool = True) -> None:
     if wsi:
         p.add_argument("wsi", help="whole-slide image file")
-    p.add_argument("--slide-id", required=True)
+    if slide:
+        p.add_argument("--slide-id", required=True)
     p.add_argument("--params", default="params.yaml", help="params.yaml to take this step's sections from")
     p.add_argument("--params-json", help="this step's params.yaml sections as JSON (as rules pass them)")
     p.add_argument("--log", help="write this step's log here")
@@ -153,6 +202,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output tar")
     p.set_defaults(func=cmd_patches)
 
+    def shard_step(name: str, help_text: str, patches: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        _add_step_io(p, wsi=False, slide=False)
+        p.add_argument("--shard", required=True)
+        if patches:
+            p.add_argument("--slides-json", required=True, help="the shard's slides: [{slide_id, tissue, project}]")
+            p.add_argument("--patches", nargs="+", required=True, help="the shard's per-slide patch tars")
+        p.add_argument("--cache-dir", default="cache", help="item-level cache root")
+        p.add_argument("--flush-every", type=int, default=32)
+        p.add_argument("--threads", type=int, default=None)
+        p.add_argument("--out", required=True)
+        p.add_argument("--stats", help="write the cache counters (hits, misses, ...) here as JSON")
+        return p
+
+    p = shard_step("caption", "describe every patch of a shard with the describe LMM")
+    p.set_defaults(func=cmd_caption)
+    p = shard_step("revise", "correct a shard's descriptions with the revise agent")
+    p.add_argument("--captions", required=True)
+    p.set_defaults(func=cmd_revise)
+    p = shard_step("summarize", "condense a shard's revised descriptions to CLIP's context", patches=False)
+    p.add_argument("--revised", required=True)
+    p.set_defaults(func=cmd_summarize)
+
     p = sub.add_parser("demo", help="write the synthetic demo slides, reports and manifest")
     p.add_argument("--root", default=".", help="project root (writes data/demo/ and data/slides.tsv)")
     p.add_argument("--seed", type=int, default=0)
@@ -179,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.log).parent.mkdir(parents=True, exist_ok=True)
         log_file = open(args.log, "w", buffering=1)
         sys.stderr = log_file
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

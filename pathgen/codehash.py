@@ -15,7 +15,7 @@ from functools import cache
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-NEUTRAL = {"pathgen.cli", "pathgen.errors", "pathgen.config", "pathgen.codehash", "pathgen"}
+NEUTRAL = {"pathgen.cli", "pathgen.errors", "pathgen.config", "pathgen.codehash", "pathgen.cache", "pathgen.cached", "pathgen"}
 STEP_RESOURCES = {"prompts": ("resources/attributes.yaml",)}
 
 

@@ -26,6 +26,10 @@ STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "prompts": ("prompts",),
     "select": ("seed", "clip", "select"),
     "patches": ("patches",),
+    "caption": ("describe",),
+    "revise": ("revise",),
+    "summarize": ("summarize",),
+    "assemble": (),
 }
 
 

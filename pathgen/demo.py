@@ -1035,3 +1035,11 @@ def make_demo(root: Path, *, seed: int = 0, scale: float = 1.0) -> Path:
     manifest = root / "data" / "slides.tsv"
     write_text("\n".join(lines) + "\n", manifest)
     return manifest
+
+
+def texture_patches(per_class: int, seed: int, size: int = 672) -> list[tuple[int, Image.Image]]:
+    """`per_class` level-0 patches of each texture class, as (class id, RGB image), deterministic."""
+    classes = np.array(sorted(TEXTURES), dtype=np.uint8)
+    label_map = np.repeat(classes[None, :], per_class, axis=0)
+    renderer = _SlideRenderer(label_map, size, seed, size)
+    return [(int(classes[tx]), renderer.render(ty, tx)) for ty in range(per_class) for tx in range(len(classes))]

@@ -311,6 +311,11 @@ def _sentences(words: list[str]) -> list[list[str]]:
     return sentences
 
 
+def split_sentences(text: str) -> list[str]:
+    """The sentences of `text`, whitespace normalised (abbreviations and decimals kept whole)."""
+    return [" ".join(words) for words in _sentences(normalize_whitespace(text).split())]
+
+
 def _split_long(words: list[str], max_words: int) -> list[list[str]]:
     """Cut one over-long sentence into chunks of <= max_words words.
 

@@ -1,10 +1,14 @@
 # Shared by all rules: params.yaml validation, the slide manifest, input functions.
 # No pipeline logic here: every step is a `pathgen` command.
 
+import json
+
 from pathgen.codehash import code_hash
 from pathgen.config import step_params_json, validate_params
 from pathgen.errors import PathgenError
+from pathgen.fingerprint import checkpoint_files
 from pathgen.manifest import SLIDE_ID, read_manifest
+from pathgen.shards import shard_slides
 
 try:
     validate_params(config, source="params.yaml (with --config overrides)")
@@ -13,10 +17,13 @@ except PathgenError as exc:
     raise WorkflowError(f"pathgen: {exc}") from None
 
 SLIDE_IDS = sorted(SLIDES)
+# Shards follow manifest order, so appending slides only adds shards.
+SHARDS = shard_slides(list(SLIDES), config["shards"]["slides_per_shard"])
 
 
 wildcard_constraints:
     slide=SLIDE_ID.pattern.strip("^$"),
+    shard=r"\d{5}",
 
 
 def step_view(step):
@@ -43,3 +50,28 @@ def clip_files(wildcards):
     if config["clip"]["config"]:
         files.append(config["clip"]["config"])
     return files
+
+
+def model_files(agent):
+    """Input function: the files of an agent's checkpoint (the path itself while it is missing)."""
+
+    def files(wildcards):
+        try:
+            return [str(p) for p in checkpoint_files(config[agent]["checkpoint"], agent)]
+        except PathgenError:
+            return [config[agent]["checkpoint"]]
+
+    return files
+
+
+def shard_patch_tars(wildcards):
+    return [f"data/patches/{slide}.tar" for slide in SHARDS[wildcards.shard]]
+
+
+def shard_slides_json(wildcards):
+    entries = [SLIDES[s] for s in SHARDS[wildcards.shard]]
+    return json.dumps([{"slide_id": e.slide_id, "tissue": e.tissue, "project": e.project} for e in entries])
+
+
+def cache_args(wildcards):
+    return f"--cache-dir {config['cache']['root']} --flush-every {config['cache']['flush_every']}"

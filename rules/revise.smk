@@ -1,0 +1,24 @@
+rule revise:
+    """Correct every description of a shard against its image with the revise agent's JSON operations."""
+    input:
+        captions="data/captions/{shard}.parquet",
+        patches=shard_patch_tars,
+        model=model_files("revise"),
+    output:
+        "data/revised/{shard}.parquet",
+    params:
+        step=step_view("revise"),
+        code=code_hash("revise"),
+        slides=shard_slides_json,
+        cache=cache_args,
+    log:
+        log="logs/revise/{shard}.log",
+        stats="logs/revise/{shard}.stats.json",
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    shell:
+        "pathgen revise --shard {wildcards.shard} --slides-json {params.slides:q} --patches {input.patches}"
+        " --captions {input.captions} --params-json {params.step:q} {params.cache} --threads {threads}"
+        " --out {output} --stats {log.stats} --log {log.log}"

@@ -1,0 +1,419 @@
+"""assemble (WebDataset shards, dataset files, PathGen-1.6M export) and the PathGen JSON importer."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pathgen.assemble import EXPORT_NAME, PART_SCHEMA, assemble_dataset, assemble_shard
+from pathgen.demo import rectangle_label_map, write_synthetic_slide
+from pathgen.errors import PathgenError
+from pathgen.io import encode_jpeg, read_tar, write_json, write_parquet, write_tar
+from pathgen.manifest import SlideEntry
+from pathgen.pathgen_json import import_pathgen_json, read_pathgen_json
+from pathgen.patches import member_name
+from pathgen.select import SELECTION_SCHEMA
+from pathgen.shards import pair_key
+from pathgen.slide import Slide
+
+PATCH = 672
+
+
+@dataclass(frozen=True)
+class TcgaEntry(SlideEntry):
+    """A manifest entry that knows its TCGA file id (the export's optional `file_id`)."""
+
+    file_id: str | None = None
+
+
+def jpeg(seed: int, size: int = 64) -> bytes:
+    """A small random-colour JPEG."""
+    rng = np.random.default_rng(seed)
+    colour = rng.integers(0, 256, 3, dtype=np.uint8)
+    pixels = np.clip(colour + rng.integers(-20, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+    return encode_jpeg(Image.fromarray(pixels), 90)
+
+
+def pair(slide_id: str, x: int, y: int, *, tokens: int, description: str, status: str, cut: bool,
+         summary: str | None = None, image: bytes | None = None) -> dict:
+    """One fixture pair: what the upstream steps would have produced for it."""
+    key = pair_key(slide_id, x, y)
+    return {
+        "slide_id": slide_id, "x": x, "y": y, "key": key, "tokens": tokens, "description": description,
+        "status": status, "cut": cut, "summary": summary or f"Summary of {key}: eosin-rich stroma, 5 µm nuclei.",
+        "image": image if image is not None else jpeg(int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)),
+    }
+
+
+def write_inputs(data_dir: Path, shard: str, pairs: list[dict], mpp: float | None = 0.25) -> None:
+    """Write every input file of `assemble_shard` for `pairs` (plus one dropped candidate per slide)."""
+    slides: dict[str, list[dict]] = {}
+    for p in pairs:
+        slides.setdefault(p["slide_id"], []).append(p)
+    for slide_id, rows in slides.items():
+        write_tar({member_name(p["x"], p["y"]): p["image"] for p in rows}, data_dir / "patches" / f"{slide_id}.tar")
+        dropped = {"x": 99 * PATCH, "y": 99 * PATCH, "kept": False}
+        sel = [{"x": p["x"], "y": p["y"], "kept": True} for p in rows] + [dropped]
+        write_parquet(pl.DataFrame(
+            [{
+                "slide_id": slide_id, "tile": i, "x": s["x"], "y": s["y"], "size": PATCH, "level": 0,
+                "read_size": PATCH, "out_size": PATCH, "by_report": i == 0, "by_attribute": False, "by_cluster": True,
+                "reasons": "report+cluster" if i == 0 else "cluster", "report_score": 0.5 - 0.125 * i,
+                "report_rank": i, "attribute_score": None, "attribute_rank": None, "cluster": i % 2,
+                "cluster_size": 3, "nn_similarity": 0.5, "kept": s["kept"], "duplicate_of": None,
+                "duplicate_similarity": None, "drop_probability": None, "drop_reason": None,
+            } for i, s in enumerate(sel)],
+            schema=SELECTION_SCHEMA,
+        ), data_dir / "selection" / f"{slide_id}.parquet")
+        write_json({"slide_id": slide_id, "mpp": mpp, "patch": {"size": PATCH, "level": 0, "read_size": PATCH,
+                                                                "out_size": PATCH}}, data_dir / "tiles" / f"{slide_id}.json")
+    # Upstream tables are not necessarily in key order.
+    rows = list(reversed(pairs))
+    write_parquet(pl.DataFrame({
+        "key": [p["key"] for p in rows], "slide_id": [p["slide_id"] for p in rows],
+        "x": [p["x"] for p in rows], "y": [p["y"] for p in rows], "tissue": ["t"] * len(rows),
+        "prompt": ["Describe."] * len(rows), "description": [p["description"] for p in rows],
+        "describe_fingerprint": ["d" * 8] * len(rows),
+    }, schema_overrides={"x": pl.Int64, "y": pl.Int64}), data_dir / "captions" / f"{shard}.parquet")
+    write_parquet(pl.DataFrame({
+        "key": [p["key"] for p in rows],
+        "ops": [json.dumps([{"op": "edit", "old": "a", "new": "b"}] if p["status"] == "applied" else []) for p in rows],
+        "revised": [p["description"] + " (revised)" for p in rows], "revise_status": [p["status"] for p in rows],
+        "revise_fingerprint": ["r" * 8] * len(rows),
+    }), data_dir / "revised" / f"{shard}.parquet")
+    write_parquet(pl.DataFrame({
+        "key": [p["key"] for p in rows], "summary": [p["summary"] for p in rows],
+        "summary_tokens": [p["tokens"] for p in rows], "summary_cut": [p["cut"] for p in rows],
+        "summary_attempts": [1] * len(rows), "summarize_fingerprint": ["s" * 8] * len(rows),
+    }, schema_overrides={"summary_tokens": pl.Int32, "summary_attempts": pl.Int32}),
+        data_dir / "summaries" / f"{shard}.parquet")
+
+
+# Two shards, hand-checkable statistics: tokens 10, 20, 30, 77; 2 of 4 applied, 2 of 4 cut; 16 description words.
+DOTTED = "A.DX1.ab12"  # TCGA slide names contain dots; "A.DX1../" sorts before "A/" (key order, not slide order)
+SLIDES = {
+    "00000": [TcgaEntry("A", "slides/A.svs", "breast", project="TCGA-BRCA", file_id="f-a"),
+              TcgaEntry(DOTTED, "slides/x.svs", "lung", project="TCGA-LUAD", file_id="f-dot")],
+    "00001": [SlideEntry("C", "slides/C.svs", "breast")],
+}
+PAIRS = {
+    "00000": [
+        pair("A", 0, 0, tokens=10, description="one two three", status="applied", cut=False),
+        pair("A", 672, 0, tokens=20, description="one two three four five", status="unchanged", cut=True),
+        pair(DOTTED, 0, 672, tokens=30, description="a b c d", status="applied", cut=False),
+    ],
+    "00001": [pair("C", 1344, 2016, tokens=77, description="w x y z", status="invalid", cut=True)],
+}
+
+
+@pytest.fixture
+def built(tmp_path) -> tuple[Path, Path]:
+    """(data dir, out dir) with both fixture shards assembled."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    for shard, pairs in PAIRS.items():
+        write_inputs(data, shard, pairs)
+        assemble_shard(shard, SLIDES[shard], data, out)
+    return data, out
+
+
+def members(path: Path) -> list[str]:
+    with tarfile.open(path) as tar:
+        return tar.getnames()
+
+
+def test_shard_members_in_key_order_and_webdataset_reads_them(built):
+    data, out = built
+    pairs = sorted(PAIRS["00000"], key=lambda p: p["key"])
+    assert [p["key"] for p in pairs] == [f"{DOTTED}/x0000000_y0000672", "A/x0000000_y0000000", "A/x0000672_y0000000"]
+    assert members(out / "00000.tar") == [f"{p['key']}.{ext}" for p in pairs for ext in ("jpg", "json", "txt")]
+    with tarfile.open(out / "00000.tar") as tar:
+        assert {(m.mtime, m.uid, m.gid, m.uname, m.mode) for m in tar} == {(0, 0, 0, "", 0o644)}
+
+    samples = list(wds.WebDataset(str(out / "00000.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == [p["key"] for p in pairs]
+    entries = {e.slide_id: e for e in SLIDES["00000"]}
+    for sample, p in zip(samples, pairs):
+        assert sample["jpg"] == p["image"]  # copied unchanged from the per-slide tar
+        assert sample["txt"].decode("utf-8") == p["summary"]
+        meta = json.loads(sample["json"])
+        entry = entries[p["slide_id"]]
+        assert {k: meta[k] for k in ("slide_id", "tissue", "project", "file_id", "x", "y", "level", "size", "mpp")} == {
+            "slide_id": p["slide_id"], "tissue": entry.tissue, "project": entry.project, "file_id": entry.file_id,
+            "x": p["x"], "y": p["y"], "level": 0, "size": PATCH, "mpp": 0.25}
+        assert meta["description"] == p["description"]
+        assert meta["revised"] == p["description"] + " (revised)"
+        assert meta["revise_status"] == p["status"]
+        assert meta["ops"] == ([{"op": "edit", "old": "a", "new": "b"}] if p["status"] == "applied" else [])
+        assert (meta["summary"], meta["summary_tokens"], meta["summary_cut"]) == (p["summary"], p["tokens"], p["cut"])
+        assert meta["fingerprints"] == {"describe": "d" * 8, "revise": "r" * 8, "summarize": "s" * 8}
+        assert meta["image_sha256"] == hashlib.sha256(p["image"]).hexdigest()
+        assert meta["cluster"] in (0, 1) and meta["attribute_score"] is None
+    first_a = next(json.loads(s["json"]) for s in samples if s["__key__"] == "A/x0000000_y0000000")
+    assert (first_a["reasons"], first_a["report_score"]) == ("report+cluster", 0.5)
+
+    # The trainer's own grouping (open_clip_train's tolerant tar reader) agrees.
+    from open_clip_train.data import tarfile_to_samples_nothrow
+    keys = [s["__key__"] for s in tarfile_to_samples_nothrow([{"url": str(out / "00000.tar")}])]
+    assert keys == [p["key"] for p in pairs]
+
+
+def test_part_rows_match_the_shard(built):
+    data, out = built
+    part = pl.read_parquet(out / "parts" / "00000.parquet")
+    assert part.schema == pl.Schema(PART_SCHEMA)
+    assert part["key"].to_list() == sorted(p["key"] for p in PAIRS["00000"])
+    assert set(part["shard"]) == {"00000"}
+    samples = {s["__key__"]: json.loads(s["json"]) for s in wds.WebDataset(str(out / "00000.tar"), shardshuffle=False)}
+    for row in part.iter_rows(named=True):
+        meta = samples[row["key"]]
+        assert json.loads(row["ops"]) == meta["ops"]
+        assert row["image_sha256"] == meta["image_sha256"]
+        for field in ("slide_id", "tissue", "x", "y", "summary", "summary_tokens", "summary_cut", "revise_status",
+                      "description", "revised", "mpp", "reasons", "report_score", "cluster"):
+            assert row[field] == meta[field], field
+
+
+def test_assemble_shard_is_byte_identical_on_rerun(built, tmp_path):
+    data, out = built
+    again = tmp_path / "again"
+    returned = assemble_shard("00000", SLIDES["00000"], data, again)
+    assert (again / "00000.tar").read_bytes() == (out / "00000.tar").read_bytes()
+    assert (again / "parts" / "00000.parquet").read_bytes() == (out / "parts" / "00000.parquet").read_bytes()
+    assert returned.equals(pl.read_parquet(out / "parts" / "00000.parquet"))
+    assert not [p for p in again.rglob("*") if p.name.startswith(".")]  # no temporaries left behind
+
+
+def _drop_member(data: Path) -> str:
+    tar_path = data / "patches" / "A.tar"
+    content = read_tar(tar_path)
+    del content[member_name(672, 0)]
+    write_tar(content, tar_path)
+    return "A/x0000672_y0000000"
+
+
+def _drop_row(table: str):
+    def drop(data: Path) -> str:
+        path = data / table / "00000.parquet"
+        key = "A/x0000672_y0000000"
+        write_parquet(pl.read_parquet(path).filter(pl.col("key") != key), path)
+        return key
+    return drop
+
+
+@pytest.mark.parametrize("break_input", [_drop_member, _drop_row("revised"), _drop_row("summaries"),
+                                         _drop_row("captions")], ids=["tar", "revised", "summaries", "captions"])
+def test_missing_input_names_shard_slide_and_key(tmp_path, break_input):
+    data = tmp_path / "data"
+    write_inputs(data, "00000", PAIRS["00000"])
+    key = break_input(data)
+    with pytest.raises(PathgenError, match=re.escape(key)) as err:
+        assemble_shard("00000", SLIDES["00000"], data, tmp_path / "out")
+    assert "shard 00000" in str(err.value) and "slide 'A'" in str(err.value)
+    assert not (tmp_path / "out" / "00000.tar").exists()
+
+
+def test_missing_selection_file_is_named(tmp_path):
+    data = tmp_path / "data"
+    write_inputs(data, "00000", PAIRS["00000"])
+    (data / "selection" / "A.parquet").unlink()
+    with pytest.raises(PathgenError, match=r"shard 00000, slide 'A'.*selection/A\.parquet"):
+        assemble_shard("00000", SLIDES["00000"], data, tmp_path / "out")
+
+
+def test_dataset_files(built):
+    data, out = built
+    metrics = assemble_dataset(out, ["00000", "00001"])
+
+    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 3, "00001.tar": 1}
+    from open_clip_train.data import get_dataset_size  # how the trainer sizes a shard list without --train-num-samples
+    assert get_dataset_size(f"{out}/{{00000..00001}}.tar") == (4, 2)
+    expected = {
+        "pairs": 4, "slides": 3, "shards": 2,
+        "summary_tokens_mean": 34.25,  # (10 + 20 + 30 + 77) / 4
+        "summary_tokens_p95": 69.95,  # sorted 10, 20, 30, 77: position 0.95 * 3 = 2.85 -> 30 + 0.85 * 47
+        "description_words_mean": 4.0,  # (3 + 5 + 4 + 4) / 4
+        "pct_revised": 50.0, "pct_cut": 50.0,
+    }
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value), name
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+
+    manifest = pl.read_parquet(out / "manifest.parquet")
+    parts = [pl.read_parquet(out / "parts" / f"{s}.parquet") for s in ("00000", "00001")]
+    assert manifest.equals(pl.concat(parts))
+    assert manifest["shard"].to_list() == ["00000"] * 3 + ["00001"]
+    assert manifest["key"].to_list()[:3] == sorted(manifest["key"].to_list()[:3])
+
+    with open(out / "plots" / "caption_tokens.csv", newline="") as fh:
+        hist = list(csv.DictReader(fh))
+    assert [int(r["tokens"]) for r in hist] == list(range(78))
+    assert sum(int(r["count"]) for r in hist) == 4
+    assert {int(r["tokens"]): int(r["count"]) for r in hist if int(r["count"])} == {10: 1, 20: 1, 30: 1, 77: 1}
+    assert (out / "plots" / "pairs_per_tissue.csv").read_text() == "tissue,pairs\nbreast,3\nlung,1\n"
+
+    export = json.loads((out / EXPORT_NAME).read_text())
+    assert export == [
+        {"wsi_id": p["slide_id"], "position": [str(p["x"]), str(p["y"])], "caption": p["summary"],
+         "file_id": {"A": "f-a", DOTTED: "f-dot", "C": None}[p["slide_id"]]}
+        for shard in ("00000", "00001") for p in sorted(PAIRS[shard], key=lambda p: p["key"])
+    ]
+    assert all(list(rec) == ["wsi_id", "position", "caption", "file_id"] for rec in export)
+
+    snapshot = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert assemble_dataset(out, ["00000", "00001"]) == metrics
+    assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == snapshot
+
+
+def test_dataset_needs_every_shard(built):
+    data, out = built
+    with pytest.raises(PathgenError, match="shard 00002"):
+        assemble_dataset(out, ["00000", "00002"])
+
+
+# --- PathGen-1.6M JSON: export -> import round trip on a real slide -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_slide(tmp_path_factory) -> Path:
+    """A small real Aperio slide (4096 x 3072 px at level 0)."""
+    path = tmp_path_factory.mktemp("wsi") / "slide.svs"
+    write_synthetic_slide(path, rectangle_label_map(6, 8, (1, 1, 5, 7), 2), cell_px=512, seed=1)
+    return path
+
+
+def test_export_import_round_trip(tmp_path, real_slide):
+    positions = {"S1": [(672, 672), (2016, 1344), (1344, 672)], "S2": [(0, 0), (3360, 2016)], "GONE": [(672, 0)]}
+    pairs = []
+    with Slide(real_slide, "slide") as slide:
+        for slide_id, coords in positions.items():
+            for i, (x, y) in enumerate(coords):
+                image = encode_jpeg(slide.read_patch(x, y, 0, PATCH, PATCH), 95)
+                pairs.append(pair(slide_id, x, y, tokens=5 + i, description="d", status="applied", cut=False,
+                                  summary=f"{slide_id} caption {i}: glands, ±atypia.", image=image))
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_inputs(data, "00000", pairs)
+    slides = [TcgaEntry(s, "x.svs", "colon", file_id=f"file-{s}") for s in positions]
+    assemble_shard("00000", slides, data, out)
+    assemble_dataset(out, ["00000"])
+    export = out / EXPORT_NAME
+
+    local = {"S1": real_slide, "S2": real_slide}  # GONE is not here locally
+    imported = tmp_path / "imported"
+    done = tmp_path / "done"
+    summary = import_pathgen_json(export, local, imported, done_dir=done)
+    assert summary["written"] == ["S1", "S2"] and summary["skipped"] == [] and summary["missing"] == ["GONE"]
+    assert (summary["pairs"], summary["slides"], summary["pairs_written"]) == (6, 3, 5)
+    assert json.loads((imported / "sizes.json").read_text()) == {"S1.tar": 3, "S2.tar": 2}
+    assert sorted(p.name for p in imported.iterdir()) == ["S1.tar", "S2.tar", "sizes.json"]
+    assert json.loads((done / "S1.json").read_text())["pairs"] == 3
+
+    assembled = {s["__key__"]: s for s in wds.WebDataset(str(out / "00000.tar"), shardshuffle=False)}
+    for slide_id in ("S1", "S2"):
+        samples = list(wds.WebDataset(str(imported / f"{slide_id}.tar"), shardshuffle=False))
+        assert [s["__key__"] for s in samples] == sorted(pair_key(slide_id, x, y) for x, y in positions[slide_id])
+        for s in samples:
+            meta = json.loads(s["json"])
+            assert pair_key(meta["wsi_id"], meta["x"], meta["y"]) == s["__key__"]
+            assert (meta["source"], meta["file_id"]) == ("pathgen-1.6m", f"file-{slide_id}")
+            assert s["txt"] == assembled[s["__key__"]]["txt"]  # caption round-trips
+            assert s["jpg"] == assembled[s["__key__"]]["jpg"]  # same level-0 672 px read, same JPEG settings
+
+    # Resumable: a second run skips every finished slide; a deleted shard is redone alone.
+    stamps = {p.name: p.stat().st_mtime_ns for p in imported.glob("*.tar")}
+    again = import_pathgen_json(export, local, imported, done_dir=done)
+    assert (again["written"], again["skipped"], again["missing"]) == ([], ["S1", "S2"], ["GONE"])
+    assert {p.name: p.stat().st_mtime_ns for p in imported.glob("*.tar")} == stamps
+    s2 = (imported / "S2.tar").read_bytes()
+    (imported / "S2.tar").unlink()
+    redo = import_pathgen_json(export, local, imported, done_dir=done)
+    assert (redo["written"], redo["skipped"]) == (["S2"], ["S1"])
+    assert (imported / "S2.tar").read_bytes() == s2
+    assert (imported / "S1.tar").stat().st_mtime_ns == stamps["S1.tar"]
+
+
+def test_import_position_outside_slide_is_named(tmp_path, real_slide):
+    listing = tmp_path / "pathgen.json"
+    listing.write_text(json.dumps([
+        {"wsi_id": "S1", "position": ["0", "0"], "caption": "fine", "file_id": None},
+        {"wsi_id": "S1", "position": ["3500", "0"], "caption": "past the right edge", "file_id": None},
+    ]))
+    with pytest.raises(PathgenError, match=r"wsi_id 'S1' position \(3500, 0\)"):
+        import_pathgen_json(listing, {"S1": real_slide}, tmp_path / "out")
+    assert not (tmp_path / "out" / "S1.tar").exists()
+
+
+def test_read_pathgen_json_validates_and_groups(tmp_path):
+    listing = tmp_path / "pathgen.json"
+    listing.write_text(json.dumps([
+        {"wsi_id": "W", "position": ["10", "20"], "caption": "c1", "file_id": "f"},
+        {"wsi_id": "V", "position": [0, 5], "caption": "c2"},
+        {"wsi_id": "W", "position": ["10", "20"], "caption": "again", "file_id": "f"},
+    ]))
+    groups, duplicates = read_pathgen_json(listing)
+    assert duplicates == 1
+    assert {w: [(p.x, p.y, p.caption, p.file_id) for p in ps] for w, ps in groups.items()} == {
+        "W": [(10, 20, "c1", "f")], "V": [(0, 5, "c2", None)]}
+    listing.write_text(json.dumps([{"wsi_id": "W", "position": ["ten", "20"], "caption": "c"}]))
+    with pytest.raises(PathgenError, match=r"record 0 \(wsi_id 'W'\).*position"):
+        read_pathgen_json(listing)
+
+
+# --- open_clip's trainer on an assembled shard --------------------------------------------------------------------
+
+def test_open_clip_trains_on_an_assembled_shard(tmp_path):
+    """`python -m open_clip_train.main`, unchanged, trains the tiny CLIP one epoch on assemble's output (CPU, offline)."""
+    from pathgen.tiny_models import TINY_CLIP_CONFIG, build_tiny_clip
+
+    rng = np.random.default_rng(0)
+    pairs = []
+    words = ["glands", "stroma", "nuclei", "mitoses", "necrosis", "lymphocytes", "fibrosis", "mucin"]
+    for i in range(64):
+        slide_id, x, y = f"S{i // 32}", (i % 8) * PATCH, (i % 32 // 8) * PATCH
+        colour = rng.integers(0, 256, 3, dtype=np.uint8)
+        image = encode_jpeg(Image.new("RGB", (PATCH, PATCH), tuple(int(c) for c in colour)), 90)
+        text = f"H&E patch showing {words[i % 8]} and {words[(i * 3) % 8]}."
+        pairs.append(pair(slide_id, x, y, tokens=12, description=text, status="unchanged", cut=False,
+                          summary=text, image=image))
+    data, shards = tmp_path / "data", tmp_path / "shards"
+    write_inputs(data, "00000", pairs)
+    assemble_shard("00000", [SlideEntry("S0", "a.svs", "colon"), SlideEntry("S1", "b.svs", "colon")], data, shards)
+    assemble_dataset(shards, ["00000"])
+
+    # open_clip's `local-dir:` model schema: a folder with open_clip_config.json {"model_cfg": ...} and weights.
+    models = tmp_path / "models"
+    checkpoint = build_tiny_clip(models)
+    model_dir = tmp_path / "tiny-clip-local"
+    model_dir.mkdir()
+    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {}}))
+    shutil.copyfile(checkpoint, model_dir / "open_clip_pytorch_model.bin")
+
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "open_clip_train.main",
+           "--train-data", str(shards / "00000.tar"), "--dataset-type", "webdataset",
+           "--train-num-samples", "64", "--batch-size", "8", "--epochs", "1", "--workers", "0",
+           "--model", f"local-dir:{model_dir}", "--lr", "1e-4", "--warmup", "0", "--precision", "fp32",
+           "--save-frequency", "1", "--log-every-n-steps", "1", "--logs", str(logs), "--name", "run",
+           "--device", "cpu", "--seed", "0"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    log = (logs / "run" / "out.log").read_text() if (logs / "run" / "out.log").is_file() else ""
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    assert (logs / "run" / "checkpoints" / "epoch_1.pt").is_file(), f"{log}\n{proc.stderr}"
+    losses = [float(v) for v in re.findall(r"Contrastive_loss: ([-+0-9.eEnaif]+)", log)]
+    assert losses and all(math.isfinite(v) for v in losses), log
+    assert re.findall(r"Train Epoch: 0 \[\s*(\d+)/64", log) == [str(8 * i) for i in range(1, 9)], log  # 8 steps
