@@ -1,4 +1,4 @@
-"""PathGen builder: whole-slide images -> representative patches -> (captions, later steps).
+"""PathGen builder: whole-slide images -> representative patches -> captions -> a WebDataset.
 
     snakemake                     # build everything the manifest asks for (profiles/default)
     snakemake --profile slurm     # the same on a SLURM cluster
@@ -17,10 +17,14 @@ include: "rules/embed.smk"
 include: "rules/prompts.smk"
 include: "rules/select.smk"
 include: "rules/patches.smk"
+include: "rules/caption.smk"
+include: "rules/revise.smk"
+include: "rules/summarize.smk"
+include: "rules/assemble.smk"
 
 
 rule all:
-    """Every slide of the manifest through the patches step, with its pictures."""
+    """The dataset of every slide in the manifest, with the per-slide pictures."""
     input:
-        expand("data/patches/{slide}.tar", slide=SLIDE_IDS),
+        "data/dataset/manifest.parquet",
         expand("data/selection/{slide}.png", slide=SLIDE_IDS),

@@ -3,7 +3,7 @@
     python bench/embed.py [--params params.yaml] [--limit N] [--workers N] [--batch-size N]
 
 Prints patches/s for
-  read     OpenSlide read_region (672 px) + the model's preprocess (resize to 336), one process
+  read     OpenSlide read_region (672 px) + the model's preprocess (resize to 336), one process, one thread
   forward  encode_image on preprocessed batches already in memory
   e2e      the embed step as the pipeline runs it (DataLoader workers, forward, Zarr write)
 and the ratio e2e / min(read, forward): 1.0 means the step is as fast as its slowest part
@@ -33,14 +33,20 @@ from pathgen.slide import Slide  # noqa: E402
 
 
 def bench_read(slides, grids, preprocess, limit) -> tuple[int, float]:
+    # One torch thread, as in a DataLoader worker: the small element-wise ops of the
+    # transform run 3x slower with 2 threads on 2 busy cores (measured with pyinstrument).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     count, start = 0, time.perf_counter()
     for entry in slides:
-        rows = grids[entry.slide_id].head(limit).select("x", "y", "level", "read_size", "out_size").iter_rows()
+        rows = grids[entry.slide_id].head(limit or len(grids[entry.slide_id])).select("x", "y", "level", "read_size", "out_size").iter_rows()
         with Slide(entry.path, entry.slide_id, entry.mpp) as slide:
             for x, y, level, read_size, out_size in rows:
                 preprocess(slide.read_patch(x, y, level, read_size, out_size))
                 count += 1
-    return count, time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    torch.set_num_threads(threads)
+    return count, elapsed
 
 
 def bench_forward(clip, n, batch_size) -> tuple[int, float]:

@@ -52,7 +52,8 @@ def cmd_prompts(args: argparse.Namespace) -> None:
     from pathgen.prompts import build_prompts, write_prompts
 
     params = _params(args, "prompts")["prompts"]
-    frame = build_prompts(args.slide_id, args.tissue, args.project or None, args.report or None, params)
+    frame = build_prompts(args.slide_id, args.tissue, args.project or None, args.report or None, params,
+                          cache_dir=args.cache_dir, flush_every=args.flush_every)
     write_prompts(frame, args.out)
     log.info("prompts %s: %d prompts", args.slide_id, frame.height)
 
@@ -125,6 +126,55 @@ def cmd_summarize(args: argparse.Namespace) -> None:
     _write_stats(args, "summarize", stats)
 
 
+def cmd_assemble_shard(args: argparse.Namespace) -> None:
+    import json
+
+    from pathgen.assemble import assemble_shard
+    from pathgen.manifest import SlideEntry
+
+    slides = [SlideEntry(**entry) for entry in json.loads(args.slides_json)]
+    part = assemble_shard(args.shard, slides, args.data_dir, args.out_dir)
+    log.info("assemble %s: %d pairs", args.shard, part.height)
+
+
+def cmd_assemble(args: argparse.Namespace) -> None:
+    from pathgen.assemble import assemble_dataset
+
+    metrics = assemble_dataset(args.out_dir, args.shards)
+    log.info("assemble: %s", " ".join(f"{k}={v}" for k, v in sorted(metrics.items())))
+
+
+def cmd_report_pages(args: argparse.Namespace) -> None:
+    from pathgen.report_pages import write_report_pages
+
+    paths = write_report_pages(args.dataset_dir, args.out_dir, args.n, args.seed, args.max_bytes or None)
+    log.info("report-pages: %s", " ".join(str(p) for p in paths.values()))
+
+
+def cmd_import_pathgen(args: argparse.Namespace) -> None:
+    import json
+
+    from pathgen.manifest import read_manifest
+    from pathgen.pathgen_json import import_pathgen_json
+
+    slides = {entry.slide_id: Path(entry.path) for entry in read_manifest(args.manifest)}
+    summary = import_pathgen_json(args.json, slides, args.out, patch_size=args.patch_size,
+                                  jpeg_quality=args.jpeg_quality)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    from pathgen import cache
+
+    if args.action == "stats":
+        print(cache.format_stats(cache.cache_stats(args.root)))
+    elif args.action == "compact":
+        print(cache.compact(args.root, agent=args.agent))
+    else:
+        removed = cache.prune(args.root, keep=args.keep, agent=args.agent, dry_run=args.dry_run)
+        print("\n".join(str(p) for p in removed) or "nothing to prune")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from pathgen.demo import make_demo
 
@@ -133,9 +183,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from pathgen.tiny_models import build_tiny_clip
+    from pathgen.tiny_models import build_tiny_models
 
-    print(build_tiny_clip(Path(args.out) / "tiny-clip", seed=args.seed))
+    for name, path in build_tiny_models(Path(args.out), seed=args.seed).items():
+        print(f"{name}: {path}")
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -182,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tissue", required=True)
     p.add_argument("--project", default="")
     p.add_argument("--report", default="", help="report text file (optional)")
+    p.add_argument("--cache-dir", default="cache", help="item-level cache root (used with prompts.llm)")
+    p.add_argument("--flush-every", type=int, default=32)
     p.add_argument("--out", required=True, help="output prompts (parquet)")
     p.set_defaults(func=cmd_prompts)
 
@@ -224,6 +277,47 @@ def build_parser() -> argparse.ArgumentParser:
     p = shard_step("summarize", "condense a shard's revised descriptions to CLIP's context", patches=False)
     p.add_argument("--revised", required=True)
     p.set_defaults(func=cmd_summarize)
+
+    p = sub.add_parser("assemble-shard", help="pack a shard's pairs into a WebDataset tar and manifest part")
+    _add_step_io(p, wsi=False, slide=False)
+    p.add_argument("--shard", required=True)
+    p.add_argument("--slides-json", required=True, help="the shard's manifest rows as JSON")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--out-dir", default="data/dataset")
+    p.set_defaults(func=cmd_assemble_shard)
+
+    p = sub.add_parser("assemble", help="manifest, sizes.json, metrics, plots and export of the whole dataset")
+    p.add_argument("--out-dir", default="data/dataset")
+    p.add_argument("--shards", nargs="+", required=True)
+    p.add_argument("--log")
+    p.set_defaults(func=cmd_assemble)
+
+    p = sub.add_parser("report-pages", help="sample-pairs and dataset-plots HTML pages for the Snakemake report")
+    p.add_argument("--dataset-dir", default="data/dataset", help="the assembled dataset (manifest, shards, plots)")
+    p.add_argument("--out-dir", required=True, help="where samples.html and plots.html go")
+    p.add_argument("--n", type=int, default=12, help="number of sample pairs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample selection")
+    p.add_argument("--max-bytes", type=int, default=1_500_000,
+                   help="leave pairs out to keep samples.html under this size (0: no limit); the default fits "
+                        "Chromium's limit for pages inside a Snakemake report")
+    p.add_argument("--log")
+    p.set_defaults(func=cmd_report_pages)
+
+    p = sub.add_parser("import-pathgen", help="cut the pairs of a released PathGen-1.6M JSON from local slides")
+    p.add_argument("json", help="the released JSON (wsi_id, position, caption, file_id)")
+    p.add_argument("--manifest", default="data/slides.tsv", help="maps wsi_id (= slide_id) to local slide files")
+    p.add_argument("--out", default="data/imported", help="one WebDataset tar per slide; resumable per slide")
+    p.add_argument("--patch-size", type=int, default=672)
+    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.set_defaults(func=cmd_import_pathgen, log=None)
+
+    p = sub.add_parser("cache", help="inspect and maintain the item-level cache")
+    p.add_argument("action", choices=["stats", "compact", "prune"])
+    p.add_argument("--root", default="cache")
+    p.add_argument("--agent", help="only this agent (describe, revise, summarize, ...)")
+    p.add_argument("--keep", nargs="*", default=[], help="prune: fingerprints to keep")
+    p.add_argument("--dry-run", action="store_true", help="prune: list what would go")
+    p.set_defaults(func=cmd_cache, log=None)
 
     p = sub.add_parser("demo", help="write the synthetic demo slides, reports and manifest")
     p.add_argument("--root", default=".", help="project root (writes data/demo/ and data/slides.tsv)")

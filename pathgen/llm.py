@@ -13,6 +13,7 @@ from typing import Any
 
 from pathgen.errors import ModelError
 from pathgen.fingerprint import agent_fingerprint, checkpoint_files
+from pathgen.text import clean_generated_text
 
 
 class LlamaCppAgent:
@@ -51,4 +52,4 @@ class LlamaCppAgent:
             seed=self.settings["seed"],
             **extra,
         )
-        return (result["choices"][0]["message"]["content"] or "").strip()
+        return clean_generated_text(result["choices"][0]["message"]["content"] or "")

@@ -18,6 +18,7 @@ from PIL import Image
 from pathgen.clip import resolve_device
 from pathgen.errors import ModelError
 from pathgen.fingerprint import agent_fingerprint, checkpoint_files
+from pathgen.text import clean_generated_text
 
 
 class LlavaAgent:
@@ -63,4 +64,4 @@ class LlavaAgent:
             pad_token_id=tokenizer.pad_token_id,
         )
         answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [" ".join(a.split()) for a in answers]
+        return [clean_generated_text(a) for a in answers]

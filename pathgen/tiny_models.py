@@ -10,7 +10,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import open_clip
 import torch
@@ -19,6 +21,11 @@ from pathgen.clip_calibration import whiten_image_features
 from pathgen.demo import texture_patches
 from pathgen.io import write_bytes
 from pathgen.seeds import derive_seed
+
+if TYPE_CHECKING:  # transformers, tokenizers and gguf are imported where used: slow imports
+    import numpy as np
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
 
 TINY_CLIP_NAME = "pathgen-tiny-clip"
 TINY_CLIP_CALIBRATION_PER_CLASS = 40  # 240 patches for a 64-d covariance
@@ -142,7 +149,7 @@ Summary: poorly differentiated carcinoma with necrosis, high mitotic activity an
 """
 
 
-def _train_tokenizer(vocab_size: int = TINY_LLAVA_VOCAB_SIZE):
+def _train_tokenizer(vocab_size: int = TINY_LLAVA_VOCAB_SIZE) -> Tokenizer:
     """Train a byte-level BPE on `PATHOLOGY_CORPUS` with the LLaVA special tokens at ids 0-4."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -165,7 +172,7 @@ def _train_tokenizer(vocab_size: int = TINY_LLAVA_VOCAB_SIZE):
     return tokenizer
 
 
-def tiny_llava_tokenizer(padding_side: str = "left"):
+def tiny_llava_tokenizer(padding_side: str = "left") -> PreTrainedTokenizerFast:
     """The tiny LLaVA tokenizer as a `PreTrainedTokenizerFast` (left padding: batched generation)."""
     from transformers import PreTrainedTokenizerFast
 
@@ -190,8 +197,6 @@ def _copy_tree_if_changed(src: Path, dest: Path) -> None:
 
 def build_tiny_llava(out_dir: str | Path, seed: int = 0, padding_side: str = "left") -> Path:
     """Write a tiny random `LlavaForConditionalGeneration` with tokenizer and processor in Hugging Face format; return `out_dir`."""
-    import tempfile
-
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
     from transformers.utils import logging as hf_logging
@@ -244,6 +249,9 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0, padding_side: str = "le
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
+            # transformers 5 nests the image processor in processor_config.json; the standalone
+            # file is what released LLaVA checkpoints (and other readers) carry too.
+            image_processor.save_pretrained(tmp)
             note = ("Tiny random-weight LLaVA (CLIP ViT 336/28 vision tower, Llama text model), "
                     f"built offline by `pathgen models tiny` with seed {seed}. Not a trained model.\n")
             Path(tmp, "README.txt").write_text(note)
@@ -299,7 +307,7 @@ def _sentencepiece_vocab(n_pieces: int = TINY_LLM_PIECES) -> tuple[list[str], li
     return tokens, scores, [int(t) for t in types]
 
 
-def _tiny_llm_tensors(n_vocab: int, seed: int) -> dict[str, "numpy.ndarray"]:
+def _tiny_llm_tensors(n_vocab: int, seed: int) -> dict[str, np.ndarray]:
     # Shapes as numpy (rows = outputs), which GGUF stores reversed, as llama.cpp expects.
     import numpy as np
 
@@ -326,21 +334,24 @@ def _tiny_llm_tensors(n_vocab: int, seed: int) -> dict[str, "numpy.ndarray"]:
             f"blk.{i}.ffn_down.weight": dense(d["n_embd"], d["n_ff"]),
         }
     tensors["output_norm.weight"] = np.ones(d["n_embd"], dtype=np.float32)
-    tensors["output.weight"] = dense(n_vocab, d["n_embd"])
+    output = dense(n_vocab, d["n_embd"])
+    # Zero logits for <unk>, <s> and the 256 byte tokens: some word piece almost always scores
+    # higher, so greedy text is made of pieces, never raw control bytes or broken UTF-8
+    # (llama-cpp-python's JSON-schema grammar lets control characters into strings).
+    output[[0, 1, *range(3, 3 + 256)]] = 0.0  # ids as in `_sentencepiece_vocab`; </s> (2) stays reachable
+    tensors["output.weight"] = output
     return tensors
 
 
 def build_tiny_gguf(path: str | Path, seed: int = 0) -> Path:
     """Write a tiny random llama-architecture GGUF with a SentencePiece vocabulary and a Llama-2 chat template; return `path`."""
-    import tempfile
-
     import gguf
 
     path = Path(path)
     d = TINY_LLM_DIMS
     tokens, scores, types = _sentencepiece_vocab()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    # GGUFWriter writes to a file: write it elsewhere, then compare and move the bytes into place.
+    with tempfile.TemporaryDirectory() as tmp:
         tmp_file = Path(tmp) / path.name
         writer = gguf.GGUFWriter(tmp_file, "llama")
         writer.add_name("pathgen-tiny-llm")

@@ -75,3 +75,8 @@ def shard_slides_json(wildcards):
 
 def cache_args(wildcards):
     return f"--cache-dir {config['cache']['root']} --flush-every {config['cache']['flush_every']}"
+
+
+def shard_entries_json(wildcards):
+    """The shard's manifest rows, as assemble records them."""
+    return json.dumps([vars(SLIDES[s]) for s in SHARDS[wildcards.shard]], sort_keys=True)

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+
+from conftest import train_open_clip
 import webdataset as wds
 from PIL import Image
 
@@ -377,7 +379,7 @@ def test_read_pathgen_json_validates_and_groups(tmp_path):
 
 def test_open_clip_trains_on_an_assembled_shard(tmp_path):
     """`python -m open_clip_train.main`, unchanged, trains the tiny CLIP one epoch on assemble's output (CPU, offline)."""
-    from pathgen.tiny_models import TINY_CLIP_CONFIG, build_tiny_clip
+    from pathgen.tiny_models import build_tiny_clip
 
     rng = np.random.default_rng(0)
     pairs = []
@@ -394,26 +396,5 @@ def test_open_clip_trains_on_an_assembled_shard(tmp_path):
     assemble_shard("00000", [SlideEntry("S0", "a.svs", "colon"), SlideEntry("S1", "b.svs", "colon")], data, shards)
     assemble_dataset(shards, ["00000"])
 
-    # open_clip's `local-dir:` model schema: a folder with open_clip_config.json {"model_cfg": ...} and weights.
-    models = tmp_path / "models"
-    checkpoint = build_tiny_clip(models)
-    model_dir = tmp_path / "tiny-clip-local"
-    model_dir.mkdir()
-    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {}}))
-    shutil.copyfile(checkpoint, model_dir / "open_clip_pytorch_model.bin")
-
-    logs = tmp_path / "logs"
-    cmd = [sys.executable, "-m", "open_clip_train.main",
-           "--train-data", str(shards / "00000.tar"), "--dataset-type", "webdataset",
-           "--train-num-samples", "64", "--batch-size", "8", "--epochs", "1", "--workers", "0",
-           "--model", f"local-dir:{model_dir}", "--lr", "1e-4", "--warmup", "0", "--precision", "fp32",
-           "--save-frequency", "1", "--log-every-n-steps", "1", "--logs", str(logs), "--name", "run",
-           "--device", "cpu", "--seed", "0"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    log = (logs / "run" / "out.log").read_text() if (logs / "run" / "out.log").is_file() else ""
-    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
-    assert (logs / "run" / "checkpoints" / "epoch_1.pt").is_file(), f"{log}\n{proc.stderr}"
-    losses = [float(v) for v in re.findall(r"Contrastive_loss: ([-+0-9.eEnaif]+)", log)]
-    assert losses and all(math.isfinite(v) for v in losses), log
+    log = train_open_clip(tmp_path, str(shards / "00000.tar"), 64, build_tiny_clip(tmp_path / "models"))
     assert re.findall(r"Train Epoch: 0 \[\s*(\d+)/64", log) == [str(8 * i) for i in range(1, 9)], log  # 8 steps

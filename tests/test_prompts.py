@@ -515,3 +515,320 @@ def test_build_prompts_defaults_missing_params():
 def test_build_prompts_bad_params(params, message):
     with pytest.raises(ConfigError, match=message):
         build_prompts("S", "lung", None, None, params)
+
+
+# --------------------------------------------------------------------------
+# LLM-written prompts (prompts.llm), with a real tiny random GGUF
+
+import json  # noqa: E402
+
+import yaml  # noqa: E402
+
+from pathgen.cache import ItemCache  # noqa: E402
+from pathgen.config import load_params, params_schema, validate_params  # noqa: E402
+from pathgen.llm import LlamaCppAgent  # noqa: E402
+from pathgen.prompts import (  # noqa: E402
+    CACHE_AGENT,
+    DEFAULT_ATTRIBUTES_PROMPT,
+    DEFAULT_CLEAN_PROMPT,
+    clean_report,
+    fill_template,
+    llm_attributes,
+    make_llm_agent,
+    prompt_params,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+LLM_TOKENS = 160  # enough for a JSON answer from the tiny model; keeps the tests quick
+REPORTS = [
+    "Lung, left upper lobe, lobectomy: invasive adenocarcinoma, acinar predominant, moderately "
+    "differentiated. Tumor size 3.2 cm. Margins negative. Lymph nodes 0/12.",
+    "Colon, sigmoid: adenocarcinoma with mucinous features invading the muscularis propria. "
+    "No lymphovascular invasion.",
+]
+
+
+@pytest.fixture(scope="module")
+def llm_cfg(tmp_path_factory) -> dict:
+    from pathgen.tiny_models import build_tiny_gguf
+
+    gguf = build_tiny_gguf(tmp_path_factory.mktemp("tiny-llm") / "tiny-llm.gguf", seed=0)
+    return {
+        "checkpoint": str(gguf), "clean_prompt": DEFAULT_CLEAN_PROMPT, "attributes_prompt": DEFAULT_ATTRIBUTES_PROMPT,
+        "n_attributes": 20, "max_tokens": LLM_TOKENS, "temperature": 0.0, "seed": 0, "n_ctx": 2048,
+    }
+
+
+@pytest.fixture(scope="module")
+def agent(llm_cfg) -> LlamaCppAgent:
+    return make_llm_agent(llm_cfg, threads=2)
+
+
+def count_calls(monkeypatch, target, answer=None) -> list:
+    """Wrap `target.chat` (an agent or the class) to record its calls; answer with `answer` when given."""
+    calls = []
+    original = target.chat
+
+    def chat(*args, **kwargs):
+        calls.append(args)
+        if answer is not None:
+            return answer(*args, **kwargs) if callable(answer) else answer
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, "chat", chat)
+    return calls
+
+
+def test_fill_template_is_one_pass_and_keeps_other_braces():
+    template = 'Answer as {"findings": [...]}. Report: {report} ({max_words} words)'
+    filled = fill_template(template, {"report": "has {max_words} and {tissue}", "max_words": "50"})
+    assert filled == 'Answer as {"findings": [...]}. Report: has {max_words} and {tissue} (50 words)'
+
+
+def test_clean_report_parts_are_bounded_and_deterministic(llm_cfg, agent):
+    other = make_llm_agent(llm_cfg, threads=1)
+    assert other.fingerprint == agent.fingerprint
+    for report in REPORTS:
+        a = clean_report(agent, None, report, 12)
+        b = clean_report(other, None, report, 12)
+        assert a == b and a.fallback == b.fallback  # greedy: same answer from another load
+        assert a and all(part and part == part.strip() and len(part.split()) <= 12 for part in a)
+        if a.fallback:
+            assert a == split_report(report, 12) and a.reason
+
+
+def test_clean_report_splits_validates_and_drops_unusable_findings(agent, monkeypatch):
+    long_finding = " ".join(["Atypical glands infiltrate desmoplastic stroma,"] * 12)  # 60 words
+    answer = json.dumps({"findings": ["  Acinar   pattern\u0007 with necrosis. ", "", "\ufffd", 7, long_finding]})
+    count_calls(monkeypatch, agent, answer)
+    parts = clean_report(agent, None, REPORTS[0], 50)
+    assert not parts.fallback and parts.reason is None
+    assert parts == ["Acinar pattern with necrosis.", *split_report(long_finding, 50)]
+    assert all(len(p.split()) <= 50 for p in parts) and len(parts) == 3
+
+
+def test_clean_report_second_call_hits_the_cache(tmp_path, agent, monkeypatch):
+    calls = count_calls(monkeypatch, agent)
+    with ItemCache(tmp_path, CACHE_AGENT, agent.fingerprint) as cache:
+        first = clean_report(agent, cache, REPORTS[1], 20, max_tokens=LLM_TOKENS)
+        assert len(calls) == 1 and cache.stats.misses == 1 and cache.stats.puts == 1
+        second = clean_report(agent, cache, REPORTS[1], 20, max_tokens=LLM_TOKENS)
+        assert len(calls) == 1 and cache.stats.hits == 1
+        assert second == first and second.fallback == first.fallback
+        # the cached value is the raw answer; the word limit applies afterwards
+        assert clean_report(agent, cache, REPORTS[1], 8, template="{report}", max_tokens=LLM_TOKENS) is not None
+        assert len(calls) == 2  # another template: another prompt, a miss
+    with ItemCache(tmp_path, CACHE_AGENT, agent.fingerprint) as reopened:  # on disk for the next job
+        assert clean_report(agent, reopened, REPORTS[1], 20, max_tokens=LLM_TOKENS) == first
+        assert reopened.stats.hits == 1 and len(calls) == 2
+        clean_report(agent, reopened, REPORTS[0], 20, max_tokens=LLM_TOKENS)  # another report: a miss
+        assert reopened.stats.misses == 1 and len(calls) == 3
+
+
+def test_clean_report_invalid_answer_falls_back_to_splitting(tmp_path, agent, monkeypatch):
+    calls = count_calls(monkeypatch, agent, "not json")
+    with ItemCache(tmp_path, CACHE_AGENT, agent.fingerprint) as cache:
+        parts = clean_report(agent, cache, REPORTS[0], 10)
+        assert parts.fallback and "not a JSON object" in parts.reason
+        assert parts == split_report(REPORTS[0], 10)
+        again = clean_report(agent, cache, REPORTS[0], 10)  # the unusable answer is cached too
+        assert again.fallback and again == parts and len(calls) == 1 and cache.stats.hits == 1
+    for answer in ('{"findings": []}', '{"findings": ["", " ", 3]}', '{"parts": ["x"]}', '["x"]'):
+        monkeypatch.setattr(agent, "chat", lambda *a, answer=answer, **k: answer)
+        parts = clean_report(agent, None, REPORTS[0], 10)
+        assert parts.fallback and parts == split_report(REPORTS[0], 10), answer
+
+
+def test_clean_report_prompt_too_long_for_the_context_falls_back(agent):
+    report = " ".join(REPORTS * 150)  # far beyond n_ctx 2048
+    parts = clean_report(agent, None, report, 50)
+    assert parts.fallback and "could not answer" in parts.reason
+    assert parts == split_report(report, 50)
+
+
+def test_llm_attributes_from_the_tiny_model(agent, table):
+    for tissue, project, count in (("lung", "TCGA-LUAD", 20), ("colon", "TCGA-COAD", 2), ("spleen", None, 3)):
+        attrs = llm_attributes(agent, None, tissue, project, count, max_tokens=LLM_TOKENS)
+        assert attrs == llm_attributes(agent, None, tissue, project, count, max_tokens=LLM_TOKENS)
+        if attrs.fallback:
+            assert attrs == list(table.attributes(resolve_site(table, tissue, project))) and attrs.reason
+        else:
+            assert count / 2 <= len(attrs) <= count
+            assert len({a.casefold() for a in attrs}) == len(attrs) and all(a.strip() for a in attrs)
+
+
+def test_llm_attributes_are_cleaned_deduplicated_and_trimmed(agent, monkeypatch, table):
+    answer = json.dumps({"attributes": ["1. Nuclear atypia.", "nuclear ATYPIA", "- Necrosis", "", 5,
+                                        " ".join(["word"] * 40), "Mitoses;", "Gland formation", "Stroma"]})
+    calls = count_calls(monkeypatch, agent, answer)
+    attrs = llm_attributes(agent, None, "lung", "TCGA-LUAD", 4)
+    assert not attrs.fallback
+    assert attrs == ["Nuclear atypia", "Necrosis", "Mitoses", "Gland formation"]
+    prompt = calls[0][0]
+    assert prompt == ("This image is a tissue patch from a lung whole slide image of TCGA-LUAD. Please list 4 "
+                      "pathological features or attributes that might appear in this type of whole slide image.")
+    # fewer than half of `count` usable: the static table
+    attrs = llm_attributes(agent, None, "lung", "TCGA-LUAD", 20)
+    assert attrs.fallback and "fewer than half" in attrs.reason
+    assert attrs == list(table.sites["lung"])
+    monkeypatch.setattr(agent, "chat", lambda *a, **k: "not json")
+    attrs = llm_attributes(agent, None, "spleen", None, 20)
+    assert attrs.fallback and attrs == list(table.generic)
+
+
+def test_llm_attributes_are_cached_per_tissue_and_project(tmp_path, agent, monkeypatch):
+    calls = count_calls(monkeypatch, agent, lambda prompt, *a, **k: json.dumps({"attributes": [prompt[:20], "b"]}))
+    with ItemCache(tmp_path, CACHE_AGENT, agent.fingerprint) as cache:
+        first = llm_attributes(agent, cache, "lung", "TCGA-LUAD", 2)
+        assert llm_attributes(agent, cache, "lung", "TCGA-LUAD", 2) == first and cache.stats.hits == 1
+        assert llm_attributes(agent, cache, "lung", "TCGA-LUAD", 1) == first[:1]  # other count: other prompt
+        llm_attributes(agent, cache, "lung", "TCGA-LUSC", 2)
+        llm_attributes(agent, cache, "breast", "TCGA-LUAD", 2)
+        assert len(calls) == 4 and cache.stats.hits == 1
+
+
+def expected_frame_without_llm(slide_id, tissue, project, report_path, max_words=50):
+    """The prompts frame as the step made it before prompts.llm existed."""
+    table = load_attribute_table()
+    rows = []
+    if report_path:
+        for i, part in enumerate(split_report(read_report(report_path, slide_id), max_words)):
+            rows.append((slide_id, "report", i, part, Path(report_path).name))
+    site = resolve_site(table, tissue, project)
+    for i, prompt in enumerate(attribute_prompts(table, tissue, project, DEFAULT_TEMPLATE)):
+        rows.append((slide_id, "attribute", i, prompt, f"table:{site}"))
+    return pl.DataFrame(rows, schema=PROMPT_SCHEMA, orient="row")
+
+
+@pytest.mark.parametrize("tissue,project,with_report", [("Bronchus and lung", "TCGA-LUAD", True),
+                                                        ("spleen", None, False), ("", "TCGA-COAD", True)])
+def test_build_prompts_without_llm_is_byte_identical(tmp_path, tissue, project, with_report):
+    report = tmp_path / "TCGA-AB-0001.txt"
+    report.write_text("Invasive adenocarcinoma, acinar. Margins are free.\n" * 12)
+    path = str(report) if with_report else None
+    expected = expected_frame_without_llm("S1", tissue, project, path)
+    write_prompts(expected, tmp_path / "expected.parquet")
+    for params in (PARAMS, {**PARAMS, "llm": None}):
+        frame = build_prompts("S1", tissue, project, path, params, cache_dir=tmp_path / "cache")
+        write_prompts(frame, tmp_path / "got.parquet")
+        assert (tmp_path / "got.parquet").read_bytes() == (tmp_path / "expected.parquet").read_bytes()
+    assert not (tmp_path / "cache").exists()  # no model, no cache
+
+
+def test_build_prompts_with_llm_writes_llm_rows(tmp_path, llm_cfg, agent, monkeypatch, table):
+    report = tmp_path / "reports" / "TCGA-AB-0002.txt"
+    report.parent.mkdir()
+    report.write_text(REPORTS[0])
+    params = {**PARAMS, "llm": llm_cfg}
+    calls = count_calls(monkeypatch, LlamaCppAgent)
+    frame = build_prompts("S2", "Bronchus and lung", "TCGA-LUAD", str(report), params, cache_dir=tmp_path / "cache",
+                          threads=2)
+    assert len(calls) == 2  # one report, one tissue
+    assert frame.schema == pl.Schema(PROMPT_SCHEMA)
+    tag = f"llm:{agent.fingerprint[:12]}"
+    reports, attrs = frame.filter(pl.col("kind") == "report"), frame.filter(pl.col("kind") == "attribute")
+    assert reports.height >= 1 and attrs.height >= 10
+    assert reports["index"].to_list() == list(range(reports.height))
+    assert attrs["index"].to_list() == list(range(attrs.height))
+    assert set(reports["source"]) <= {f"{tag}:report:TCGA-AB-0002.txt", "llm-fallback:report:TCGA-AB-0002.txt"}
+    assert set(attrs["source"]) <= {f"{tag}:attributes", "llm-fallback:table:lung"}
+    assert all(len(t.split()) <= 50 for t in reports["text"])
+    assert all(t.startswith("An H&E image of lung tissue showing ") for t in attrs["text"])
+    if attrs["source"][0].startswith("llm-fallback"):
+        assert attrs.height == len(table.sites["lung"])
+    write_prompts(frame, tmp_path / "a.parquet")
+    # a rerun (another job) reads everything from the cache and writes the same bytes
+    again = build_prompts("S2", "Bronchus and lung", "TCGA-LUAD", str(report), params, cache_dir=tmp_path / "cache")
+    assert len(calls) == 2
+    write_prompts(again, tmp_path / "b.parquet")
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+
+
+def test_build_prompts_llm_sources_for_usable_and_unusable_answers(tmp_path, llm_cfg, agent, monkeypatch):
+    report = tmp_path / "r.txt"
+    report.write_text(REPORTS[1])
+    good = {"findings": ["Mucinous adenocarcinoma invades the muscularis propria."],
+            "attributes": ["extracellular mucin", "dirty necrosis", "goblet cells"]}
+    count_calls(monkeypatch, LlamaCppAgent,
+                lambda self, prompt, max_tokens, schema=None: json.dumps({k: good[k] for k in schema["properties"]}))
+    params = {**PARAMS, "llm": {**llm_cfg, "n_attributes": 3}}
+    frame = build_prompts("S3", "colon", "TCGA-COAD", str(report), params)  # no cache_dir: not cached
+    tag = f"llm:{agent.fingerprint[:12]}"
+    assert frame.rows() == [
+        ("S3", "report", 0, "Mucinous adenocarcinoma invades the muscularis propria.", f"{tag}:report:r.txt"),
+        ("S3", "attribute", 0, "An H&E image of colon tissue showing extracellular mucin.", f"{tag}:attributes"),
+        ("S3", "attribute", 1, "An H&E image of colon tissue showing dirty necrosis.", f"{tag}:attributes"),
+        ("S3", "attribute", 2, "An H&E image of colon tissue showing goblet cells.", f"{tag}:attributes"),
+    ]
+    monkeypatch.setattr(LlamaCppAgent, "chat", lambda self, *a, **k: "not json")
+    frame = build_prompts("S3", "colon", "TCGA-COAD", str(report), params)
+    assert set(frame.filter(pl.col("kind") == "report")["source"]) == {"llm-fallback:report:r.txt"}
+    assert set(frame.filter(pl.col("kind") == "attribute")["source"]) == {"llm-fallback:table:colon"}
+    plain = build_prompts("S3", "colon", "TCGA-COAD", str(report), PARAMS)
+    assert frame["text"].to_list() == plain["text"].to_list()  # the fallback is today's output
+
+
+def test_cli_prompts_with_llm_uses_the_cache_dir(tmp_path, llm_cfg, monkeypatch):
+    from pathgen.cli import main
+
+    report = tmp_path / "r.txt"
+    report.write_text(REPORTS[0])
+    view = json.dumps({"prompts": {**PARAMS, "llm": llm_cfg}})
+    calls = count_calls(monkeypatch, LlamaCppAgent, lambda *a, **k: "not json")
+    argv = ["prompts", "--slide-id", "S", "--tissue", "lung", "--project", "TCGA-LUAD", "--report", str(report),
+            "--params-json", view, "--cache-dir", str(tmp_path / "cache"), "--flush-every", "1",
+            "--out", str(tmp_path / "p.parquet")]
+    assert main(argv) == 0
+    assert len(calls) == 2 and list((tmp_path / "cache" / CACHE_AGENT).glob("*/seg-*.jsonl"))
+    assert main(argv) == 0 and len(calls) == 2  # second run: from the cache
+    assert set(pl.read_parquet(tmp_path / "p.parquet")["source"]) == {"llm-fallback:report:r.txt",
+                                                                      "llm-fallback:table:lung"}
+
+
+def test_shipped_params_example_llm_is_valid_and_uses_the_papers_prompts():
+    params = load_params(ROOT / "params.yaml")
+    assert params["prompts"]["llm"] is None
+    lines = (ROOT / "params.yaml").read_text().splitlines()
+    start = lines.index("  # llm:")
+    block = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        block.append(line.replace("# ", "", 1) if "# " in line else line.replace("#", "", 1).rstrip())
+    example = yaml.safe_load("\n".join(block))["llm"]
+    assert example["clean_prompt"] == DEFAULT_CLEAN_PROMPT
+    assert example["attributes_prompt"] == DEFAULT_ATTRIBUTES_PROMPT
+    assert example["n_attributes"] == 20 and example["max_tokens"] == 512
+    validate_params({**params, "prompts": {**params["prompts"], "llm": example}})
+    assert prompt_params({**params["prompts"], "llm": example})["llm"] == example
+    schema_keys = params_schema()["properties"]["prompts"]["properties"]["llm"]["required"]
+    assert sorted(schema_keys) == sorted(example)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda llm: "model.gguf", "must be null or a mapping"),
+        (lambda llm: {k: v for k, v in llm.items() if k != "seed"}, "lacks the keys: seed"),
+        (lambda llm: {**llm, "top_p": 0.9}, "unknown keys: top_p"),
+        (lambda llm: {**llm, "clean_prompt": "Clean this."}, r"clean_prompt .* lacks the \{report\}"),
+        (lambda llm: {**llm, "attributes_prompt": "List {count}."}, r"lacks the \{tissue\}"),
+        (lambda llm: {**llm, "n_attributes": 0}, "n_attributes must be an integer >= 1"),
+        (lambda llm: {**llm, "max_tokens": True}, "max_tokens"),
+        (lambda llm: {**llm, "temperature": -0.1}, "temperature"),
+        (lambda llm: {**llm, "checkpoint": ""}, "checkpoint"),
+    ],
+)
+def test_bad_llm_params_raise_config_error(edit, message):
+    llm = {"checkpoint": "m.gguf", "clean_prompt": DEFAULT_CLEAN_PROMPT, "attributes_prompt": DEFAULT_ATTRIBUTES_PROMPT,
+           "n_attributes": 20, "max_tokens": 512, "temperature": 0.0, "seed": 0, "n_ctx": 2048}
+    with pytest.raises(ConfigError, match=message):
+        prompt_params({**PARAMS, "llm": edit(llm)})
+
+
+def test_missing_llm_checkpoint_is_a_model_error(tmp_path):
+    llm = {"checkpoint": str(tmp_path / "none.gguf"), "clean_prompt": DEFAULT_CLEAN_PROMPT,
+           "attributes_prompt": DEFAULT_ATTRIBUTES_PROMPT, "n_attributes": 20, "max_tokens": 512,
+           "temperature": 0.0, "seed": 0, "n_ctx": 2048}
+    with pytest.raises(PathgenError, match="none.gguf"):
+        build_prompts("S", "lung", None, None, {**PARAMS, "llm": llm})

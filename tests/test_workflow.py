@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import shutil
+import signal
+import subprocess
 import tarfile
+import time
 
 import numpy as np
 import polars as pl
 import pytest
+import open_clip
+import webdataset as wds
 import yaml
 from PIL import Image
 
-from conftest import BIN, planned_jobs, run, snakemake
+from conftest import BIN, planned_jobs, run, snakemake, train_open_clip
 from pathgen.demo import write_synthetic_slide
 from pathgen.embeddings import read_embeddings
 from pathgen.manifest import read_manifest
 
 pytestmark = pytest.mark.workflow
 STEPS = ("tile", "embed", "prompts", "select", "patches")
+SHARD_STEPS = ("caption", "revise", "summarize", "assemble_shard", "assemble")
 
 
 def slide_ids(root):
@@ -39,7 +47,7 @@ def leftover_temporaries(root):
     return [p for p in (root / "data").rglob("*") if ".tmp-" in p.name]
 
 
-def test_demo_builds_through_patches(built_demo):
+def test_demo_builds_through_patches_to_the_dataset(built_demo):
     ids = slide_ids(built_demo)
     assert len(ids) == 3
     for slide in ids:
@@ -62,6 +70,24 @@ def test_demo_builds_through_patches(built_demo):
     assert set(prompts["kind"]) == {"attribute"}  # the demo colon slide has no report
     assert leftover_temporaries(built_demo) == []
 
+    manifest = pl.read_parquet(built_demo / "data/dataset/manifest.parquet")
+    kept = sum(pl.read_parquet(built_demo / f"data/selection/{s}.parquet")["kept"].sum() for s in ids)
+    sizes = json.loads((built_demo / "data/dataset/sizes.json").read_text())
+    assert manifest.height == kept == sum(sizes.values()) > 0
+    assert sorted(sizes) == ["00000.tar", "00001.tar"]  # 3 slides, 2 per shard
+    assert manifest["key"].is_unique().all()
+    assert (manifest["summary"].str.len_chars() > 0).all()
+    assert set(manifest["revise_status"]) <= {"applied", "unchanged", "invalid"}
+    metrics = json.loads((built_demo / "data/dataset/metrics.json").read_text())
+    assert metrics["pairs"] == manifest.height and metrics["slides"] == 3
+    samples = list(wds.WebDataset(str(built_demo / "data/dataset/00000.tar"), shardshuffle=False))
+    assert len(samples) == sizes["00000.tar"]
+    first = samples[0]
+    row = manifest.filter(pl.col("key") == first["__key__"]).row(0, named=True)
+    assert first["txt"].decode() == row["summary"]
+    assert Image.open(io.BytesIO(first["jpg"])).size == (672, 672)
+    assert json.loads(first["json"])["description"] == row["description"]
+
 
 def test_second_run_plans_nothing(built_demo):
     assert planned_jobs(built_demo) == {}
@@ -80,13 +106,19 @@ def test_rebuild_is_byte_identical(built_demo, demo_inputs, project_copy):
         assert files
         for rel in files:
             assert (root / store / rel).read_bytes() == (built_demo / store / rel).read_bytes(), rel
+    shard_files = sorted(p.relative_to(built_demo) for d in ("captions", "revised", "summaries", "dataset")
+                         for p in (built_demo / "data" / d).rglob("*") if p.is_file())
+    assert len(shard_files) >= 2 * 5 + 6
+    for rel in shard_files:
+        assert (root / rel).read_bytes() == (built_demo / rel).read_bytes(), rel
 
 
 def test_adding_a_slide_runs_only_its_jobs(built_demo, project_copy):
     root = project_copy(built_demo)
     shutil.copy(root / "data/demo/demo-lung-01.svs", root / "data/demo/extra-01.svs")
     append_slide(root, "extra-01", "data/demo/extra-01.svs")
-    assert planned_jobs(root) == {**{step: 1 for step in STEPS}, "all": 1}
+    # Slide-bound jobs for the new slide only; it joins the last shard, so that shard's model jobs rerun.
+    assert planned_jobs(root) == {**{step: 1 for step in STEPS}, **{step: 1 for step in SHARD_STEPS}, "all": 1}
     snakemake(root)
     assert (root / "data/patches/extra-01.tar").is_file()
     assert planned_jobs(root) == {}
@@ -97,7 +129,8 @@ def test_changing_a_select_param_reruns_only_select_and_patches(built_demo, proj
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["select"]["similarity_threshold"] = 0.8
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert planned_jobs(root) == {"select": 3, "patches": 3, "all": 1}
+    assert planned_jobs(root) == {"select": 3, "patches": 3, "caption": 2, "revise": 2, "summarize": 2,
+                                  "assemble_shard": 2, "assemble": 1, "all": 1}
 
 
 def test_malformed_params_fail_before_any_job(demo_inputs, project_copy):
@@ -118,7 +151,8 @@ def test_bad_slides_fail_named_and_others_complete(demo_inputs, project_copy):
     (root / "data/demo/notes.svs").write_text("this is a text file, not a slide\n")
     append_slide(root, "truncated", "data/demo/truncated.svs")
     append_slide(root, "notaslide", "data/demo/notes.svs")
-    proc = snakemake(root, "--keep-going", check=False)
+    targets = [f"data/patches/{s}.tar" for s in slide_ids(root)]
+    proc = snakemake(root, "--keep-going", *targets, check=False)
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
     assert "pathgen tile: error: slide 'truncated' (data/demo/truncated.svs)" in output
@@ -131,19 +165,106 @@ def test_bad_slides_fail_named_and_others_complete(demo_inputs, project_copy):
     assert leftover_temporaries(root) == []
 
 
-def test_slide_without_tissue_gives_empty_outputs(demo_inputs, project_copy):
-    root = project_copy(demo_inputs)
+def test_slide_without_tissue_gives_empty_outputs(built_demo, project_copy):
+    root = project_copy(built_demo)
     write_synthetic_slide(root / "data/demo/blank.svs", np.zeros((8, 8), np.uint8),
                           cell_px=512, seed=1)
     append_slide(root, "blank", "data/demo/blank.svs")
-    snakemake(root, "data/patches/blank.tar", "data/selection/blank.png")
+    snakemake(root)  # the whole dataset: the empty slide goes through every step
     assert pl.read_parquet(root / "data/tiles/blank.parquet").height == 0
     features, _, _ = read_embeddings(root / "data/embeddings/blank.zarr")
     assert features.shape == (0, 64)
     assert pl.read_parquet(root / "data/selection/blank.parquet").height == 0
     assert tar_members(root / "data/patches/blank.tar") == []
+    before = pl.read_parquet(built_demo / "data/dataset/manifest.parquet")
+    after = pl.read_parquet(root / "data/dataset/manifest.parquet")
+    assert after.equals(before) and not (after["slide_id"] == "blank").any()
 
 
 def test_validate_command_checks_params_and_manifest(demo_inputs):
     out = run([str(BIN / "pathgen"), "validate"], demo_inputs).stdout
     assert "3 slide(s)" in out
+
+
+def read_stats(root, step):
+    return {p.name: json.loads(p.read_text()) for p in sorted((root / f"logs/{step}").glob("*.stats.json"))}
+
+
+def test_every_caption_fits_clips_context(built_demo):
+    tokenizer = open_clip.get_tokenizer("ViT-L-14-336")
+    manifest = pl.read_parquet(built_demo / "data/dataset/manifest.parquet")
+    for summary, counted in manifest.select("summary", "summary_tokens").iter_rows():
+        tokens = len(tokenizer.encode(summary)) + 2  # start and end tokens
+        assert tokens == counted and tokens <= 77, (summary, tokens)
+        ids = tokenizer([summary])[0]
+        assert ids[tokens - 1] == tokenizer.eot_token_id  # the trainer sees the whole caption
+
+
+def test_open_clip_trains_on_the_demo_shards(built_demo, tmp_path):
+    sizes = json.loads((built_demo / "data/dataset/sizes.json").read_text())
+    shards = str(built_demo / "data/dataset/{00000..00001}.tar")
+    log = train_open_clip(tmp_path, shards, sum(sizes.values()), built_demo / "models/tiny-clip/open_clip_model.pt")
+    assert "Train Epoch: 0" in log
+
+
+def test_summarize_prompt_change_reruns_only_summarize_and_assemble(built_demo, project_copy):
+    root = project_copy(built_demo)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["summarize"]["prompt"] = "Condense to {max_words} words: {description}"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert planned_jobs(root) == {"summarize": 2, "assemble_shard": 2, "assemble": 1, "all": 1}
+    describe_segments = sorted((root / "cache/describe").rglob("seg-*"))
+    revise_segments = sorted((root / "cache/revise").rglob("seg-*"))
+    snakemake(root)
+    # no describe or revise job ran, so no model call; their caches gained nothing
+    assert read_stats(root, "caption") == read_stats(built_demo, "caption")
+    assert read_stats(root, "revise") == read_stats(built_demo, "revise")
+    assert sorted((root / "cache/describe").rglob("seg-*")) == describe_segments
+    assert sorted((root / "cache/revise").rglob("seg-*")) == revise_segments
+    summarize = read_stats(root, "summarize")
+    assert sum(s["misses"] for s in summarize.values()) > 0  # the new prompt did reach the model
+    assert planned_jobs(root) == {}
+
+
+def test_select_change_calls_the_describe_model_once_per_new_patch(built_demo, project_copy):
+    root = project_copy(built_demo)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["select"]["similarity_threshold"] = 0.86
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    snakemake(root)
+    old = set(pl.read_parquet(built_demo / "data/dataset/manifest.parquet")["key"])
+    new = set(pl.read_parquet(root / "data/dataset/manifest.parquet")["key"])
+    assert new != old  # a few patches changed
+    stats = read_stats(root, "caption")
+    assert sum(s["misses"] for s in stats.values()) == len(new - old)
+    assert sum(s["hits"] for s in stats.values()) == len(new & old)
+
+
+def test_killed_caption_job_resumes_to_identical_output(built_demo, project_copy):
+    root = project_copy(built_demo)
+    shutil.rmtree(root / "cache")
+    entries = [s for s in read_manifest(root / "data/slides.tsv")][:2]  # shard 00000
+    slides = json.dumps([{"slide_id": e.slide_id, "tissue": e.tissue, "project": e.project} for e in entries])
+    params = json.dumps({"describe": yaml.safe_load((root / "params.yaml").read_text())["describe"]})
+    flush_every = 4
+    cmd = [str(BIN / "pathgen"), "caption", "--shard", "00000", "--slides-json", slides,
+           "--patches", *[f"data/patches/{e.slide_id}.tar" for e in entries], "--params-json", params,
+           "--cache-dir", "cache", "--flush-every", str(flush_every), "--out", "captions.parquet", "--stats", "stats.json"]
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while len(list((root / "cache").rglob("seg-*.jsonl"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (root / "captions.parquet").exists()
+    flushed = sum(len(p.read_text().splitlines()) for p in (root / "cache").rglob("seg-*.jsonl"))
+    assert flushed >= 3 * flush_every
+    run(cmd, root)
+    stats = json.loads((root / "stats.json").read_text())
+    total = stats["hits"] + stats["misses"]
+    assert stats["hits"] == flushed  # everything flushed before the kill is reused ...
+    assert total == pl.read_parquet(built_demo / "data/captions/00000.parquet").height
+    # ... so at most the < flush_every items computed but not yet flushed were computed twice.
+    assert (root / "captions.parquet").read_bytes() == (built_demo / "data/captions/00000.parquet").read_bytes()

@@ -1,0 +1,49 @@
+rule assemble_shard:
+    """Pack a shard's pairs into a WebDataset tar (jpg/txt/json per pair) and its manifest part."""
+    input:
+        patches=shard_patch_tars,
+        selection=lambda wc: [f"data/selection/{s}.parquet" for s in SHARDS[wc.shard]],
+        tiles=lambda wc: [f"data/tiles/{s}.json" for s in SHARDS[wc.shard]],
+        captions="data/captions/{shard}.parquet",
+        revised="data/revised/{shard}.parquet",
+        summaries="data/summaries/{shard}.parquet",
+    output:
+        tar="data/dataset/{shard}.tar",
+        part="data/dataset/parts/{shard}.parquet",
+    params:
+        code=code_hash("assemble"),
+        slides=shard_entries_json,
+    log:
+        "logs/assemble/{shard}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        "pathgen assemble-shard --shard {wildcards.shard} --slides-json {params.slides:q} --data-dir data"
+        " --out-dir data/dataset --log {log}"
+
+
+rule assemble:
+    """The dataset: manifest.parquet, sizes.json, metrics, plot data and the PathGen-1.6M JSON export."""
+    input:
+        tars=expand("data/dataset/{shard}.tar", shard=SHARDS),
+        parts=expand("data/dataset/parts/{shard}.parquet", shard=SHARDS),
+    output:
+        manifest="data/dataset/manifest.parquet",
+        sizes="data/dataset/sizes.json",
+        metrics="data/dataset/metrics.json",
+        tokens="data/dataset/plots/caption_tokens.csv",
+        tissues="data/dataset/plots/pairs_per_tissue.csv",
+        export="data/dataset/pathgen-1.6m.json",
+    params:
+        code=code_hash("assemble"),
+        shards=" ".join(SHARDS),
+    log:
+        "logs/assemble/all.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "pathgen assemble --out-dir data/dataset --shards {params.shards} --log {log}"
