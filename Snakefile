@@ -3,6 +3,7 @@
     snakemake                     # build everything the manifest asks for (profiles/default)
     snakemake --profile slurm     # the same on a SLURM cluster
     snakemake -n                  # what would run
+    snakemake --report report.html   # one browsable page: masks, selections, plots, sample pairs
 
 One rule file per step under rules/; every rule calls `pathgen <step>`, the
 same command a DVC stage runs. params.yaml is validated before any job.
@@ -21,10 +22,13 @@ include: "rules/caption.smk"
 include: "rules/revise.smk"
 include: "rules/summarize.smk"
 include: "rules/assemble.smk"
+include: "rules/report.smk"
 
 
 rule all:
     """The dataset of every slide in the manifest, with the per-slide pictures."""
     input:
         "data/dataset/manifest.parquet",
+        "data/report/samples.html",
+        "data/report/plots.html",
         expand("data/selection/{slide}.png", slide=SLIDE_IDS),

@@ -519,18 +519,18 @@ def _parse_list(answer: str, key: str) -> list[Any] | None:
     return obj[key]
 
 
-def _ask_list(agent: LlamaCppAgent, cache: ItemCache | None, prompt: str, schema: dict[str, Any], key: str,
-              max_tokens: int | None) -> tuple[list[Any] | None, str | None]:
+def _ask_list(agent: LlamaCppAgent, cache: ItemCache | None, prompt: str, schema: dict[str, Any],
+              key: str) -> tuple[list[Any] | None, str | None]:
     """(the answer's raw list, None), or (None, why there is none). Cached per prompt text.
 
     The cached value is the raw list, or the answer text itself when it is not
-    the JSON asked for (greedy decoding would give the same again).
+    the JSON asked for (greedy decoding would give the same again). The cache
+    must belong to the agent's fingerprint, which covers max_tokens.
     """
     value = cache.get(prompt) if cache is not None else None
     if value is None:
-        tokens = max_tokens if max_tokens is not None else agent.settings.get("max_tokens", DEFAULT_LLM_MAX_TOKENS)
         try:
-            answer = agent.chat(prompt, tokens, schema=schema)
+            answer = agent.chat(prompt, agent.settings.get("max_tokens", DEFAULT_LLM_MAX_TOKENS), schema=schema)
         except ValueError as exc:  # llama.cpp: the prompt does not fit the context
             return None, f"the model could not answer: {exc}"
         parsed = _parse_list(answer, key)
@@ -555,7 +555,6 @@ def clean_report(
     max_words: int = DEFAULT_MAX_WORDS,
     *,
     template: str = DEFAULT_CLEAN_PROMPT,
-    max_tokens: int | None = None,
 ) -> Generated:
     """The report's microscopic findings, per the LLM, in parts of at most `max_words` words.
 
@@ -567,7 +566,7 @@ def clean_report(
     `split_report(report_text, max_words)` with `fallback` set.
     """
     prompt = fill_template(template, {"report": normalize_whitespace(report_text), "max_words": str(max_words)})
-    raw, reason = _ask_list(agent, cache, prompt, FINDINGS_SCHEMA, "findings", max_tokens)
+    raw, reason = _ask_list(agent, cache, prompt, FINDINGS_SCHEMA, "findings")
     if raw is not None:
         findings = _usable_strings(raw)
         if findings:
@@ -592,7 +591,6 @@ def llm_attributes(
     count: int = 20,
     *,
     template: str = DEFAULT_ATTRIBUTES_PROMPT,
-    max_tokens: int | None = None,
     max_words: int = MAX_ATTRIBUTE_WORDS,
     table: AttributeTable | None = None,
 ) -> Generated:
@@ -610,7 +608,7 @@ def llm_attributes(
     project_text = normalize_whitespace(project or "")
     prompt = fill_template(template, {"tissue": normalize_whitespace(tissue or ""), "project": project_text,
                                       "count": str(count)})
-    raw, reason = _ask_list(agent, cache, prompt, ATTRIBUTES_SCHEMA, "attributes", max_tokens)
+    raw, reason = _ask_list(agent, cache, prompt, ATTRIBUTES_SCHEMA, "attributes")
     if raw is not None:
         seen: set[str] = set()
         attributes: list[str] = []
@@ -731,14 +729,13 @@ def build_prompts(
         try:
             if report_text is not None:
                 report_parts = clean_report(agent, cache, report_text, cfg["report_max_words"],
-                                            template=llm["clean_prompt"], max_tokens=llm["max_tokens"])
+                                            template=llm["clean_prompt"])
                 if report_parts.fallback:
                     log.warning("prompts %s: report %s split without the LLM: %s", slide_id, name,
                                 report_parts.reason)
                 report_source = f"llm-fallback:report:{name}" if report_parts.fallback else f"{tag}:report:{name}"
             attributes = llm_attributes(agent, cache, label, project, llm["n_attributes"],
-                                        template=llm["attributes_prompt"], max_tokens=llm["max_tokens"],
-                                        table=table)
+                                        template=llm["attributes_prompt"], table=table)
             if attributes.fallback:
                 log.warning("prompts %s: attributes of %r from the table: %s", slide_id, label, attributes.reason)
             attribute_source = f"llm-fallback:table:{site}" if attributes.fallback else f"{tag}:attributes"

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ["Snakefile", "rules", "params.yaml", "profiles"]
+PROJECT_FILES = ["Snakefile", "rules", "params.yaml", "profiles", "report"]
 TEST_SCALE = 0.35  # demo slides with ~40-60 tissue patches each
 
 

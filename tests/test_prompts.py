@@ -561,7 +561,7 @@ def llm_cfg(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def agent(llm_cfg) -> LlamaCppAgent:
-    return make_llm_agent(llm_cfg, threads=2)
+    return make_llm_agent(llm_cfg, threads=1)
 
 
 def count_calls(monkeypatch, target, answer=None) -> list:
@@ -586,7 +586,7 @@ def test_fill_template_is_one_pass_and_keeps_other_braces():
 
 
 def test_clean_report_parts_are_bounded_and_deterministic(llm_cfg, agent):
-    other = make_llm_agent(llm_cfg, threads=1)
+    other = make_llm_agent(llm_cfg, threads=1)  # another load of the same model
     assert other.fingerprint == agent.fingerprint
     for report in REPORTS:
         a = clean_report(agent, None, report, 12)
@@ -610,18 +610,18 @@ def test_clean_report_splits_validates_and_drops_unusable_findings(agent, monkey
 def test_clean_report_second_call_hits_the_cache(tmp_path, agent, monkeypatch):
     calls = count_calls(monkeypatch, agent)
     with ItemCache(tmp_path, CACHE_AGENT, agent.fingerprint) as cache:
-        first = clean_report(agent, cache, REPORTS[1], 20, max_tokens=LLM_TOKENS)
+        first = clean_report(agent, cache, REPORTS[1], 20)
         assert len(calls) == 1 and cache.stats.misses == 1 and cache.stats.puts == 1
-        second = clean_report(agent, cache, REPORTS[1], 20, max_tokens=LLM_TOKENS)
+        second = clean_report(agent, cache, REPORTS[1], 20)
         assert len(calls) == 1 and cache.stats.hits == 1
         assert second == first and second.fallback == first.fallback
         # the cached value is the raw answer; the word limit applies afterwards
-        assert clean_report(agent, cache, REPORTS[1], 8, template="{report}", max_tokens=LLM_TOKENS) is not None
+        assert clean_report(agent, cache, REPORTS[1], 8, template="{report}") is not None
         assert len(calls) == 2  # another template: another prompt, a miss
     with ItemCache(tmp_path, CACHE_AGENT, agent.fingerprint) as reopened:  # on disk for the next job
-        assert clean_report(agent, reopened, REPORTS[1], 20, max_tokens=LLM_TOKENS) == first
+        assert clean_report(agent, reopened, REPORTS[1], 20) == first
         assert reopened.stats.hits == 1 and len(calls) == 2
-        clean_report(agent, reopened, REPORTS[0], 20, max_tokens=LLM_TOKENS)  # another report: a miss
+        clean_report(agent, reopened, REPORTS[0], 20)  # another report: a miss
         assert reopened.stats.misses == 1 and len(calls) == 3
 
 
@@ -648,8 +648,7 @@ def test_clean_report_prompt_too_long_for_the_context_falls_back(agent):
 
 def test_llm_attributes_from_the_tiny_model(agent, table):
     for tissue, project, count in (("lung", "TCGA-LUAD", 20), ("colon", "TCGA-COAD", 2), ("spleen", None, 3)):
-        attrs = llm_attributes(agent, None, tissue, project, count, max_tokens=LLM_TOKENS)
-        assert attrs == llm_attributes(agent, None, tissue, project, count, max_tokens=LLM_TOKENS)
+        attrs = llm_attributes(agent, None, tissue, project, count)
         if attrs.fallback:
             assert attrs == list(table.attributes(resolve_site(table, tissue, project))) and attrs.reason
         else:
@@ -722,7 +721,7 @@ def test_build_prompts_with_llm_writes_llm_rows(tmp_path, llm_cfg, agent, monkey
     params = {**PARAMS, "llm": llm_cfg}
     calls = count_calls(monkeypatch, LlamaCppAgent)
     frame = build_prompts("S2", "Bronchus and lung", "TCGA-LUAD", str(report), params, cache_dir=tmp_path / "cache",
-                          threads=2)
+                          threads=1)
     assert len(calls) == 2  # one report, one tissue
     assert frame.schema == pl.Schema(PROMPT_SCHEMA)
     tag = f"llm:{agent.fingerprint[:12]}"

@@ -26,7 +26,7 @@ from pathgen.manifest import read_manifest
 
 pytestmark = pytest.mark.workflow
 STEPS = ("tile", "embed", "prompts", "select", "patches")
-SHARD_STEPS = ("caption", "revise", "summarize", "assemble_shard", "assemble")
+SHARD_STEPS = ("caption", "revise", "summarize", "assemble_shard", "assemble", "report_pages")
 
 
 def slide_ids(root):
@@ -130,7 +130,7 @@ def test_changing_a_select_param_reruns_only_select_and_patches(built_demo, proj
     params["select"]["similarity_threshold"] = 0.8
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert planned_jobs(root) == {"select": 3, "patches": 3, "caption": 2, "revise": 2, "summarize": 2,
-                                  "assemble_shard": 2, "assemble": 1, "all": 1}
+                                  "assemble_shard": 2, "assemble": 1, "report_pages": 1, "all": 1}
 
 
 def test_malformed_params_fail_before_any_job(demo_inputs, project_copy):
@@ -212,7 +212,7 @@ def test_summarize_prompt_change_reruns_only_summarize_and_assemble(built_demo, 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["summarize"]["prompt"] = "Condense to {max_words} words: {description}"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert planned_jobs(root) == {"summarize": 2, "assemble_shard": 2, "assemble": 1, "all": 1}
+    assert planned_jobs(root) == {"summarize": 2, "assemble_shard": 2, "assemble": 1, "report_pages": 1, "all": 1}
     describe_segments = sorted((root / "cache/describe").rglob("seg-*"))
     revise_segments = sorted((root / "cache/revise").rglob("seg-*"))
     snakemake(root)
