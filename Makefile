@@ -20,13 +20,15 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-models/tiny-clip/open_clip_model.pt: | setup
+TINY_MODELS := models/tiny-clip/open_clip_model.pt models/tiny-llava/config.json models/tiny-llm/tiny-llm.gguf
+
+$(TINY_MODELS) &: | setup
 	pathgen models tiny --out models
 
 data/slides.tsv: | setup
 	pathgen demo --root .
 
-models: models/tiny-clip/open_clip_model.pt
+models: $(TINY_MODELS)
 demo-data: data/slides.tsv
 
 demo: setup models demo-data
@@ -35,8 +37,9 @@ demo: setup models demo-data
 test: setup
 	$(BIN)/python -m pytest
 
-bench: setup models demo-data
+bench: demo
 	$(BIN)/python bench/embed.py
+	$(BIN)/python bench/agents.py
 
 clean:
 	rm -rf data/tiles data/embeddings data/prompts data/selection data/patches logs .snakemake

@@ -17,14 +17,17 @@ items), so a step reads what a shard of that size would hold. Prints the shard, 
   warm/cold  the cache's speed-up on a rerun
   overhead   step time (cold) / bare time: 1.00 means the job costs nothing beyond the model calls; the
              rest is reading tars, hashing payloads, the item cache, token counting, writing Parquet
-  cpu        the same ratio in process CPU time, which a busy machine disturbs less than wall time
+  cpu        the same ratio in process CPU time: near overhead when the extra time is work done in this
+             process, below it when the step waits (disk, other processes)
 The steps run with the agent already loaded (the agent class they construct is swapped for it), so
 model load is left out of cold, warm and bare and reported apart. One untimed call per agent warms the
 model up first. With --repeat N every figure but load is the best of N runs (bare, cold and warm
 interleaved): on a shared machine other work only ever adds time, and medians of 3 still moved by 20%.
 --threads goes to torch and llama.cpp; the rules give model jobs 2, but the default is 1: on a 2-core
 machine with other work running, 2 torch threads made a batch-8 generate of the tiny LLaVA take anywhere
-from 0.27 s to 2.2 s (OpenMP threads spin waiting for each other), 1 thread a steady 0.27 s.
+from 0.27 s to 2.2 s (OpenMP threads spin waiting for each other), 1 thread a steady 0.27 s. The same
+holds for llama.cpp's prompt threads (LlamaCppAgent gives them the job's threads: llama-cpp-python's
+default, every core, made 70 summarize calls take 3.5 s to 16.6 s here, against a steady 1.3 s).
 Run from the project root after `make demo` (needs data/patches/, data/captions/, data/revised/ and
 models/); caches and outputs go to a temporary directory, nothing under the project is written.
 """
@@ -228,7 +231,8 @@ def main() -> None:
 
                 count("warm-up")
                 agent.chat(texts[0] if texts else "warm-up", settings["max_tokens"])  # warm-up
-                model = f"{agent.backend} {settings['checkpoint']} device=cpu"
+                model = (f"{agent.backend} {settings['checkpoint']} device=cpu "
+                         f"threads={agent.llm.n_threads}/{agent.llm.n_threads_batch} (generate/prompt)")
                 detail = f"batch=1 max_tokens={settings['max_tokens']} max_retries={settings['max_retries']}"
 
             runs: dict[str, list[Times]] = {"bare": [], "cold": [], "warm": []}
@@ -251,8 +255,8 @@ def main() -> None:
                          "overhead": cold_s / bare_s, "cpu": cold_cpu / bare_cpu,
                          "cache": f"{stats['cold']['misses']} / {stats['warm']['hits']}"})
 
-    print(f"shard={args.shard} items={len(patches)} (of {len(all_patches)}) threads={args.threads} repeat={args.repeat} "
-          f"torch={torch.__version__} cuda={torch.cuda.is_available()}")
+    print(f"shard={args.shard} items={len(patches)} (of {len(all_patches)}) threads={args.threads} "
+          f"repeat={args.repeat} torch={torch.__version__} cuda={torch.cuda.is_available()}")
     for line in header:
         print(line)
     print(f"{'agent':<10} {'items':>5} {'load s':>7} {'bare it/s':>10} {'cold it/s':>10} {'warm it/s':>10} "

@@ -31,7 +31,8 @@ class LlamaCppAgent:
         self._llama_cpp = llama_cpp
         try:
             self.llm = llama_cpp.Llama(model_path=str(self.checkpoint), n_ctx=settings["n_ctx"],
-                                       seed=settings["seed"], n_threads=threads, verbose=False)
+                                       seed=settings["seed"], n_threads=threads, n_threads_batch=threads,
+                                       verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"cannot load {what} checkpoint {self.checkpoint} with llama.cpp: {exc}") from None
         self._grammars: dict[str, Any] = {}

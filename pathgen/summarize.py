@@ -74,8 +74,9 @@ def summarize_one(text: str, ask: Callable[[str], str], settings: dict[str, Any]
     for attempt in range(1 + settings["max_retries"]):
         attempts = attempt + 1
         answer = " ".join(ask(prompt).split())
-        if answer and count(answer) <= limit:
-            return answer, count(answer), False, attempts
+        tokens = count(answer)
+        if answer and tokens <= limit:
+            return answer, tokens, False, attempts
         prompt = (settings["stricter_prompt"].replace("{summary}", answer or text)
                   .replace("{max_words}", str(settings["max_words"] // 2)))
     summary, cut = fit_to_limit(answer or text, count, limit)
