@@ -3,7 +3,7 @@
 #   make test   set up .venv and run the test suite
 # Everything else is a step of those two.
 
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)  # pyproject requires 3.11
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
