@@ -3,7 +3,8 @@
 #   make test   set up .venv and run the test suite
 # Everything else is a step of those two.
 
-PYTHON ?= $(shell command -v python3.11 || command -v python3)  # pyproject requires 3.11
+# pyproject requires Python 3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
