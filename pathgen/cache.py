@@ -46,13 +46,13 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from pathgen.errors import PathgenError
+from pathgen.io import temp_sibling, write_bytes
 
 FINGERPRINT_FILE = "fingerprint.txt"
 SEGMENT_GLOB = "seg-*.jsonl"
@@ -154,33 +154,13 @@ def _list_segments(directory: Path) -> list[tuple[str, int]]:
     return sorted(found)
 
 
-def _temp_path(directory: Path, stem: str) -> Path:
-    # Like pathgen.io.atomic_path's temporaries: a leading "." and ".tmp-", never a segment name.
-    return directory / f".{stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` by temp file and rename.
-
-    Not `pathgen.io.write_bytes`: importing pathgen.io loads polars and PIL
-    (half a second), and every process that touches the cache would pay it.
-    """
-    tmp = _temp_path(path.parent, path.name)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _publish_segment(directory: Path, chunks: Iterable[bytes]) -> str | None:
     """Write `chunks` as a segment named by their hash (temp file + fsync + rename); its name.
 
     Returns None, writing nothing, when the chunks are empty. The name is only
     known once every byte is hashed, so the temporary is named independently.
     """
-    tmp = _temp_path(directory, "seg")
+    tmp = temp_sibling(directory, "seg")
     digest = hashlib.sha256()
     size = 0
     try:
@@ -397,7 +377,7 @@ class ItemCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / FINGERPRINT_FILE
         if not path.exists():
-            _write_atomic(path, (self.fingerprint + "\n").encode("utf-8"))
+            write_bytes((self.fingerprint + "\n").encode("utf-8"), path)
         elif not self._fingerprint_checked:
             stored = _read_fingerprint(self.directory)
             if stored is not None and stored != self.fingerprint:

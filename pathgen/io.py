@@ -18,12 +18,18 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
-from PIL import Image
+if TYPE_CHECKING:  # imported where used: the item cache writes through this module without them
+    import polars as pl
+    from PIL import Image
 
 PARQUET_SETTINGS = dict(compression="zstd", compression_level=3, statistics=True, row_group_size=65536)
+
+
+def temp_sibling(directory: Path, stem: str) -> Path:
+    """A unique temporary name in `directory`: hidden and marked `.tmp-`, so never taken for an output."""
+    return directory / f".{stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 @contextmanager
@@ -35,7 +41,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = temp_sibling(final.parent, final.name)
     try:
         yield tmp
         if final.is_dir() and not final.is_symlink():
