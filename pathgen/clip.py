@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +18,7 @@ import open_clip
 import torch
 
 from pathgen.errors import ModelError
-from pathgen.io import sha256_file
+from pathgen.fingerprint import file_sha256
 
 
 @dataclass
@@ -45,11 +44,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@cache
-def _checkpoint_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
-
-
 def clip_fingerprint(cfg: dict[str, Any]) -> tuple[str, str]:
     """(fingerprint, checkpoint sha256) of the CLIP named by params.yaml's `clip` section."""
     checkpoint = Path(cfg["checkpoint"])
@@ -58,8 +52,7 @@ def clip_fingerprint(cfg: dict[str, Any]) -> tuple[str, str]:
             f"CLIP checkpoint {checkpoint} not found (params.yaml clip.checkpoint); "
             "run `pathgen models tiny` for the offline demo model or place the PathGen-CLIP-L weights there"
         )
-    stat = checkpoint.stat()
-    ckpt_sha = _checkpoint_sha256(str(checkpoint), stat.st_size, stat.st_mtime_ns)
+    ckpt_sha = file_sha256(checkpoint)
     digest = hashlib.sha256()
     digest.update(json.dumps({k: cfg[k] for k in ("model", "force_quick_gelu", "input_size")}, sort_keys=True).encode())
     if cfg.get("config"):

@@ -9,11 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from pathgen.errors import ModelError
 from pathgen.io import sha256_file
+
+
+@cache
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a checkpoint file, hashed once per process while its size and mtime stay the same."""
+    stat = Path(path).stat()
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 def checkpoint_files(path: str | Path, what: str) -> list[Path]:
@@ -35,5 +47,5 @@ def agent_fingerprint(backend: str, version: str, checkpoint: str | Path, settin
     digest.update(json.dumps({"backend": backend, "version": version, "settings": settings}, sort_keys=True).encode())
     for file in checkpoint_files(root, what):
         name = file.name if file == root else file.relative_to(root).as_posix()
-        digest.update(name.encode() + b"\0" + sha256_file(file).encode())
+        digest.update(name.encode() + b"\0" + file_sha256(file).encode())
     return digest.hexdigest()
