@@ -79,8 +79,6 @@ def cmd_patches(args: argparse.Namespace) -> None:
 
 
 def _write_stats(args: argparse.Namespace, step: str, stats: dict[str, int]) -> None:
-    import json
-
     log.info("%s %s: cache %s", step, args.shard, " ".join(f"{k}={v}" for k, v in sorted(stats.items())))
     if args.stats:
         from pathgen.io import write_json

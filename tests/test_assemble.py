@@ -5,12 +5,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import os
 import re
-import shutil
-import subprocess
-import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
