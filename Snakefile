@@ -5,19 +5,19 @@
     snakemake -n                  # what would run
     snakemake --report report.html   # one browsable page: masks, selections, plots, sample pairs
 
-One rule file per step under rules/; every rule calls `pathgen <step>`, the
-same command a DVC stage runs. params.yaml is validated before any job.
+One rule file per DAG step under rules/ (the slide side is two jobs per slide:
+embed = tile + embed, select = prompts + select + patches); every rule calls
+`pathgen <step>` commands. dvc.yaml is generated from this file (`pathgen
+dvc-yaml`), one stage per rule file. params.yaml is validated before any job;
+threads and resources live in profiles/, not here.
 """
 
 configfile: "params.yaml"
 
 
 include: "rules/common.smk"
-include: "rules/tile.smk"
 include: "rules/embed.smk"
-include: "rules/prompts.smk"
 include: "rules/select.smk"
-include: "rules/patches.smk"
 include: "rules/caption.smk"
 include: "rules/revise.smk"
 include: "rules/summarize.smk"

@@ -54,11 +54,25 @@ def step_modules(step: str) -> list[Path]:
     return sorted(files)
 
 
+_STEPS_BY_HASH: dict[str, tuple[str, ...]] = {}
+
+
 @cache
-def code_hash(step: str) -> str:
-    """sha256 over the relative path and bytes of every file in `step_modules(step)`."""
+def code_hash(*steps: str) -> str:
+    """sha256 over the relative path and bytes of every file of the steps' `step_modules` (a rule may run several)."""
+    value = _hash_files(sorted({path for step in steps for path in step_modules(step)}))
+    _STEPS_BY_HASH[value] = steps
+    return value
+
+
+def steps_for_hash(value: str) -> tuple[str, ...] | None:
+    """The steps whose `code_hash` gave `value` in this process (how dvc.yaml finds a rule's steps)."""
+    return _STEPS_BY_HASH.get(value)
+
+
+def _hash_files(files: list[Path]) -> str:
     digest = hashlib.sha256()
-    for path in step_modules(step):
+    for path in files:
         digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]

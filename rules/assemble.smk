@@ -15,10 +15,6 @@ rule assemble_shard:
         slides=shard_entries_json,
     log:
         "logs/assemble/{shard}.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=30,
     shell:
         "pathgen assemble-shard --shard {wildcards.shard} --slides-json {params.slides:q} --data-dir data"
         " --out-dir data/dataset --log {log}"
@@ -41,9 +37,5 @@ rule assemble:
         shards=" ".join(SHARDS),
     log:
         "logs/assemble/all.log",
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=30,
     shell:
         "pathgen assemble --out-dir data/dataset --shards {params.shards} --log {log}"

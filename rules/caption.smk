@@ -13,10 +13,6 @@ rule caption:
     log:
         log="logs/caption/{shard}.log",
         stats="logs/caption/{shard}.stats.json",
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=240,
     shell:
         "pathgen caption --shard {wildcards.shard} --slides-json {params.slides:q} --patches {input.patches}"
         " --params-json {params.step:q} {params.cache} --threads {threads} --out {output}"

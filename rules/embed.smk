@@ -1,21 +1,30 @@
+# Slide side, job 1 of 2: the slide is read twice here (thumbnail for the mask, patches for CLIP), so
+# tiling and embedding share a job; tiling costs seconds next to embedding. One job per slide per
+# step would put 5 jobs per slide into the DAG (see bench/dag.py). Threads and resources: profiles/.
+
+
 rule embed:
-    """CLIP image features of every tissue patch of a slide, into a Zarr store."""
+    """Tile a slide (tissue mask, patch grid, slide info) and embed every tissue patch with CLIP into Zarr."""
     input:
         wsi=slide_path,
-        grid="data/tiles/{slide}.parquet",
         model=clip_files,
     output:
-        directory("data/embeddings/{slide}.zarr"),
+        grid="data/tiles/{slide}.parquet",
+        thumbnail=report("data/tiles/{slide}.png", category="Tissue masks", labels={"slide": "{slide}"}),
+        info="data/tiles/{slide}.json",
+        embeddings=directory("data/embeddings/{slide}.zarr"),
     params:
-        step=step_view("embed"),
-        code=code_hash("embed"),
+        tile=step_view("tile"),
+        embed=step_view("embed"),
+        code=code_hash("tile", "embed"),
         mpp=slide_mpp,
     log:
-        "logs/embed/{slide}.log",
-    threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=60,
+        tile="logs/tile/{slide}.log",
+        embed="logs/embed/{slide}.log",
     shell:
-        "pathgen embed {input.wsi:q} --slide-id {wildcards.slide} --mpp '{params.mpp}'"
-        " --params-json {params.step:q} --grid {input.grid} --out {output} --threads {threads} --log {log}"
+        "pathgen tile {input.wsi:q} --slide-id {wildcards.slide} --mpp '{params.mpp}'"
+        " --params-json {params.tile:q} --grid {output.grid} --thumbnail {output.thumbnail}"
+        " --info {output.info} --log {log.tile}"
+        " && pathgen embed {input.wsi:q} --slide-id {wildcards.slide} --mpp '{params.mpp}'"
+        " --params-json {params.embed:q} --grid {output.grid} --out {output.embeddings} --threads {threads}"
+        " --log {log.embed}"

@@ -24,10 +24,6 @@ rule report_pages:
         max_bytes=1500000,  # fewer pairs if needed: Chromium shows no larger page inside the report
     log:
         "logs/report/pages.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     shell:
         "pathgen report-pages --dataset-dir data/dataset --out-dir data/report --n {params.n} --seed {params.seed}"
         " --max-bytes {params.max_bytes} --log {log}"

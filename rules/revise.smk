@@ -14,10 +14,6 @@ rule revise:
     log:
         log="logs/revise/{shard}.log",
         stats="logs/revise/{shard}.stats.json",
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=240,
     shell:
         "pathgen revise --shard {wildcards.shard} --slides-json {params.slides:q} --patches {input.patches}"
         " --captions {input.captions} --params-json {params.step:q} {params.cache} --threads {threads}"

@@ -1,24 +1,43 @@
+# Slide side, job 2 of 2: retrieval prompts, selection and cutting the kept patches. All three are
+# cheap next to embedding and a change to any of them reruns the ones after it anyway, so they share
+# one job per slide (bench/dag.py: the DAG of a 7,500-slide cohort plans in under a minute).
+
+
 rule select:
-    """Representative patches: report and attribute retrieval, k-means diversity, near-duplicate filter."""
+    """Representative patches of a slide: report and attribute prompts, retrieval, k-means diversity,
+    near-duplicate filter; then the kept patches cut at full resolution into a deterministic tar of JPEGs."""
     input:
+        wsi=slide_path,
+        report=slide_report,
         embeddings="data/embeddings/{slide}.zarr",
-        prompts="data/prompts/{slide}.parquet",
         thumbnail="data/tiles/{slide}.png",
         info="data/tiles/{slide}.json",
         model=clip_files,
+        llm=lambda wc: [config["prompts"]["llm"]["checkpoint"]] if config["prompts"]["llm"] else [],
     output:
+        prompts="data/prompts/{slide}.parquet",
         selection="data/selection/{slide}.parquet",
         overlay=report("data/selection/{slide}.png", category="Selected patches", labels={"slide": "{slide}"}),
+        patches="data/patches/{slide}.tar",
     params:
-        step=step_view("select"),
-        code=code_hash("select"),
+        prompts=step_view("prompts"),
+        select=step_view("select"),
+        patches=step_view("patches"),
+        code=code_hash("prompts", "select", "patches"),
+        tissue=lambda wc: SLIDES[wc.slide].tissue,
+        project=lambda wc: SLIDES[wc.slide].project or "",
+        cache=cache_args,
+        mpp=slide_mpp,
     log:
-        "logs/select/{slide}.log",
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=20,
+        prompts="logs/prompts/{slide}.log",
+        select="logs/select/{slide}.log",
+        patches="logs/patches/{slide}.log",
     shell:
-        "pathgen select --slide-id {wildcards.slide} --embeddings {input.embeddings} --prompts {input.prompts}"
-        " --thumbnail {input.thumbnail} --info {input.info} --params-json {params.step:q}"
-        " --out {output.selection} --overlay {output.overlay} --log {log}"
+        "pathgen prompts --slide-id {wildcards.slide} --tissue={params.tissue:q} --project={params.project:q}"
+        " --report='{input.report}' --params-json {params.prompts:q} {params.cache} --out {output.prompts}"
+        " --log {log.prompts}"
+        " && pathgen select --slide-id {wildcards.slide} --embeddings {input.embeddings} --prompts {output.prompts}"
+        " --thumbnail {input.thumbnail} --info {input.info} --params-json {params.select:q}"
+        " --out {output.selection} --overlay {output.overlay} --log {log.select}"
+        " && pathgen patches {input.wsi:q} --slide-id {wildcards.slide} --mpp '{params.mpp}'"
+        " --selection {output.selection} --params-json {params.patches:q} --out {output.patches} --log {log.patches}"

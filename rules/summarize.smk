@@ -12,10 +12,6 @@ rule summarize:
     log:
         log="logs/summarize/{shard}.log",
         stats="logs/summarize/{shard}.stats.json",
-    threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=120,
     shell:
         "pathgen summarize --shard {wildcards.shard} --revised {input.revised} --params-json {params.step:q}"
         " {params.cache} --threads {threads} --out {output} --stats {log.stats} --log {log.log}"

@@ -25,7 +25,7 @@ from pathgen.embeddings import read_embeddings
 from pathgen.manifest import read_manifest
 
 pytestmark = pytest.mark.workflow
-STEPS = ("tile", "embed", "prompts", "select", "patches")
+STEPS = ("embed", "select")  # slide-side jobs: tile+embed, prompts+select+patches
 SHARD_STEPS = ("caption", "revise", "summarize", "assemble_shard", "assemble", "report_pages")
 
 
@@ -124,12 +124,12 @@ def test_adding_a_slide_runs_only_its_jobs(built_demo, project_copy):
     assert planned_jobs(root) == {}
 
 
-def test_changing_a_select_param_reruns_only_select_and_patches(built_demo, project_copy):
+def test_changing_a_select_param_reruns_only_select_and_what_follows(built_demo, project_copy):
     root = project_copy(built_demo)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["select"]["similarity_threshold"] = 0.8
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert planned_jobs(root) == {"select": 3, "patches": 3, "caption": 2, "revise": 2, "summarize": 2,
+    assert planned_jobs(root) == {"select": 3, "caption": 2, "revise": 2, "summarize": 2,
                                   "assemble_shard": 2, "assemble": 1, "report_pages": 1, "all": 1}
 
 
