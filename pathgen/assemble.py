@@ -36,6 +36,9 @@ from pathgen.shards import pair_key
 
 CONTEXT_LENGTH = 77  # CLIP's text context: the histogram covers 0..77 tokens
 EXPORT_NAME = "pathgen-1.6m.json"
+METRICS_NAME = "metrics.json"
+# plots/<name>: (x column, y column), as DVC's plots read them
+PLOTS = {"caption_tokens.csv": ("tokens", "count"), "pairs_per_tissue.csv": ("tissue", "pairs")}
 
 PART_SCHEMA = {
     "shard": pl.String,
@@ -350,12 +353,12 @@ def assemble_dataset(out_dir: str | Path, shards: list[str]) -> dict[str, Any]:
     metrics = dataset_metrics(manifest, shards)
     tissue = (manifest.group_by("tissue").agg(pl.len().alias("pairs"))
               .sort(["pairs", "tissue"], descending=[True, False]))
-    write_text(_csv_text(["tokens", "count"], token_histogram([int(t) for t in manifest["summary_tokens"].drop_nulls()])),
-               out_dir / "plots" / "caption_tokens.csv")
-    write_text(_csv_text(["tissue", "pairs"], [list(r) for r in tissue.iter_rows()]),
-               out_dir / "plots" / "pairs_per_tissue.csv")
+    plot_rows = {"caption_tokens.csv": token_histogram([int(t) for t in manifest["summary_tokens"].drop_nulls()]),
+                 "pairs_per_tissue.csv": [list(r) for r in tissue.iter_rows()]}
+    for name, columns in PLOTS.items():
+        write_text(_csv_text(list(columns), plot_rows[name]), out_dir / "plots" / name)
     write_pathgen_json(pathgen_records(manifest), out_dir / EXPORT_NAME)
     write_json(sizes, out_dir / "sizes.json")
     write_parquet(manifest, out_dir / "manifest.parquet")
-    write_json(metrics, out_dir / "metrics.json")
+    write_json(metrics, out_dir / METRICS_NAME)
     return metrics

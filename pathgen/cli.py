@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pathgen.config import load_params, parse_step_params, step_params
+from pathgen.dataset_diff import add_arguments as add_diff_arguments
+from pathgen.dataset_diff import run as run_diff
 from pathgen.errors import PathgenError
 
 log = logging.getLogger("pathgen")
@@ -195,6 +197,33 @@ def cmd_validate(args: argparse.Namespace) -> None:
     print(f"{args.params}: valid; {params['manifest']}: {len(slides)} slide(s)")
 
 
+def cmd_dvc_yaml(args: argparse.Namespace) -> None:
+    from pathgen.dvc_yaml import write_dvc_yaml
+
+    current = write_dvc_yaml(args.root, check=args.check)
+    print("dvc.yaml: up to date" if current else "dvc.yaml: written")
+
+
+def cmd_sync(args: argparse.Namespace) -> None:
+    from pathgen.versioning import sync
+
+    touched = sync(args.root)
+    print(f"pathgen sync: dvc status is clean; Snakemake now takes {touched} output file(s) as up to date")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from pathgen.versioning import audit
+
+    result = audit(args.repo, args.rev, keep=args.keep, remote=args.remote)
+    if result.passed:
+        print(f"pathgen audit: {args.rev}: dvc repro from the tracked inputs rebuilt {len(result.stages)} stages; "
+              "dvc.lock is byte-identical")
+        return 0
+    print(f"pathgen audit: {args.rev}: the rebuild differs from the committed dvc.lock:", file=sys.stderr)
+    print("\n".join(f"  {line}" for line in result.differences), file=sys.stderr)
+    return 1
+
+
 def _add_step_io(p: argparse.ArgumentParser, wsi: bool = True, slide: bool = True) -> None:
     if wsi:
         p.add_argument("wsi", help="whole-slide image file")
@@ -329,6 +358,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_models, log=None)
 
+    p = sub.add_parser("dvc-yaml", help="generate dvc.yaml (one DVC stage per step) from the Snakefile")
+    p.add_argument("--root", default=".", help="project root (Snakefile, params.yaml, the manifest's inputs)")
+    p.add_argument("--check", action="store_true", help="only compare; fail with a diff when dvc.yaml is stale")
+    p.set_defaults(func=cmd_dvc_yaml, log=None)
+
+    p = sub.add_parser("sync", help="after `dvc checkout`/`dvc pull`: mark Snakemake's outputs up to date "
+                                    "(only when `dvc status` is clean)")
+    p.add_argument("--root", default=".")
+    p.set_defaults(func=cmd_sync, log=None)
+
+    p = sub.add_parser("audit", help="rebuild a revision from its DVC-tracked inputs in a fresh clone; "
+                                     "dvc.lock must come out byte-identical")
+    p.add_argument("rev", nargs="?", default="HEAD")
+    p.add_argument("--repo", default=".")
+    p.add_argument("--keep", help="build in this (empty) directory and keep it, instead of a temporary one")
+    p.add_argument("--remote", help="pull the tracked inputs from this DVC remote instead of the local cache")
+    p.set_defaults(func=cmd_audit, log=None)
+
+    p = sub.add_parser("diff", help="compare two versions of the dataset (pairs added, removed, caption changed)")
+    add_diff_arguments(p)
+    p.set_defaults(func=run_diff, log=None)
+
     p = sub.add_parser("validate", help="check params.yaml against its schema and read the manifest")
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=cmd_validate, log=None)
@@ -345,9 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr = log_file
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
-    func: Callable[[argparse.Namespace], None] = args.func
+    func: Callable[[argparse.Namespace], int | None] = args.func
     try:
-        func(args)
+        status = func(args) or 0
     except PathgenError as exc:
         line = f"pathgen {args.command}: error: {exc}"
         if log_file is not None:
@@ -358,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr = real_stderr
         if log_file is not None:
             log_file.close()
-    return 0
+    return status
 
 
 if __name__ == "__main__":

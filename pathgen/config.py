@@ -30,6 +30,7 @@ STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "revise": ("revise",),
     "summarize": ("summarize",),
     "assemble": (),
+    "report_pages": ("seed",),
 }
 
 
