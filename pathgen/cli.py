@@ -198,10 +198,14 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def cmd_dvc_yaml(args: argparse.Namespace) -> None:
-    from pathgen.dvc_yaml import write_dvc_yaml
+    from pathgen.dvc_yaml import stale_lock_stages, write_dvc_yaml
 
     current = write_dvc_yaml(args.root, check=args.check)
     print("dvc.yaml: up to date" if current else "dvc.yaml: written")
+    stale = stale_lock_stages(args.root)
+    if stale:
+        print(f"dvc.lock still records removed stage(s) {', '.join(stale)}: after the next build run "
+              "`rm dvc.lock && dvc commit -f` (dvc commit alone keeps them)", file=sys.stderr)
 
 
 def cmd_sync(args: argparse.Namespace) -> None:

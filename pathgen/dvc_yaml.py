@@ -193,6 +193,16 @@ def render(pipeline: dict[str, Any]) -> str:
     return HEADER + yaml.safe_dump(pipeline, sort_keys=False, width=120)
 
 
+def stale_lock_stages(root: str | Path = ".") -> list[str]:
+    """Stages dvc.lock still records but dvc.yaml no longer has (DVC keeps them until the lock is rewritten)."""
+    root = Path(root)
+    if not (root / "dvc.lock").is_file() or not (root / "dvc.yaml").is_file():
+        return []
+    locked = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages") or {}
+    current = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    return sorted(set(locked) - set(current))
+
+
 def write_dvc_yaml(root: str | Path = ".", check: bool = False) -> bool:
     """Write `root/dvc.yaml` (or with `check`, compare). True when the file on disk is current."""
     root = Path(root)

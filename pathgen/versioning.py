@@ -157,7 +157,7 @@ def audit(repo: str | Path = ".", rev: str = "HEAD", keep: str | Path | None = N
         env = _env({"PYTHONPATH": os.pathsep.join(filter(None, [str(clone), os.environ.get("PYTHONPATH")]))})
         _run([tool("dvc"), "repro", "--no-run-cache"], clone, "pathgen audit: dvc repro", env=env, capture=False)
         rebuilt = (clone / "dvc.lock").read_text()
-        stages = sorted(_lock_outs(rebuilt))
+        stages = sorted((yaml.safe_load((clone / "dvc.yaml").read_text()) or {}).get("stages", {}))
         return AuditResult(rev, stages, lock_differences(committed, rebuilt), workdir if keep else None)
     finally:
         if not keep:

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from conftest import BIN, ROOT, planned_jobs, run, snakemake
+from pathgen.dvc_yaml import stale_lock_stages
 from pathgen.versioning import lock_differences
 
 INPUTS = ["data/demo", "data/slides.tsv", "models/tiny-clip", "models/tiny-llava", "models/tiny-llm"]
@@ -96,6 +97,14 @@ def test_build_commit_and_audit(repo):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rebuilt 7 stages; dvc.lock is byte-identical" in proc.stdout
     assert git(repo, "status", "--porcelain") == ""  # the audit built elsewhere
+
+
+def test_dvc_yaml_warns_of_stages_left_in_dvc_lock(tmp_path):
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"embed": {"cmd": "x"}}}))
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"embed": {}, "tile": {}}}))
+    assert stale_lock_stages(tmp_path) == ["tile"]
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"embed": {}}}))
+    assert stale_lock_stages(tmp_path) == []
 
 
 def test_lock_differences_names_each_moved_output():
