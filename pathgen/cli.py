@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pathgen.config import load_params, parse_step_params, step_params
-from pathgen.dataset_diff import add_arguments as add_diff_arguments
-from pathgen.dataset_diff import run as run_diff
 from pathgen.errors import PathgenError
 
 log = logging.getLogger("pathgen")
@@ -228,6 +226,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from pathgen.dataset_diff import run
+
+    return run(args)
+
+
 def _add_step_io(p: argparse.ArgumentParser, wsi: bool = True, slide: bool = True) -> None:
     if wsi:
         p.add_argument("wsi", help="whole-slide image file")
@@ -381,8 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_audit, log=None)
 
     p = sub.add_parser("diff", help="compare two versions of the dataset (pairs added, removed, caption changed)")
-    add_diff_arguments(p)
-    p.set_defaults(func=run_diff, log=None)
+    p.add_argument("rev_a", nargs="?", default="HEAD", metavar="REV_A",
+                   help="git revision of the old dataset (default: HEAD)")
+    p.add_argument("rev_b", nargs="?", default=None, metavar="REV_B",
+                   help="git revision of the new dataset (default: the workspace, committed or not)")
+    p.add_argument("--repo", default=".", help="the git + DVC repository (default: .)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with the patches")
+    p.add_argument("--examples", type=int, metavar="N", help="examples per kind of change (default: 5)")
+    p.set_defaults(func=cmd_diff, log=None)
 
     p = sub.add_parser("validate", help="check params.yaml against its schema and read the manifest")
     p.add_argument("--params", default="params.yaml")

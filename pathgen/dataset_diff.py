@@ -427,27 +427,15 @@ def render_html(report: dict[str, Any], a: Version, b: Version) -> str:
 
 # -- command line ---------------------------------------------------------------------------------
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `pathgen diff [REV_A] [REV_B] [--repo .] [--json] [--html FILE] [--examples N]`."""
-    parser.add_argument("rev_a", nargs="?", default="HEAD", metavar="REV_A",
-                        help="git revision of the old dataset (default: HEAD)")
-    parser.add_argument("rev_b", nargs="?", default=None, metavar="REV_B",
-                        help="git revision of the new dataset (default: the workspace, committed or not)")
-    parser.add_argument("--repo", default=".", help="the git + DVC repository (default: .)")
-    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    parser.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with the patches")
-    parser.add_argument("--examples", type=int, default=DEFAULT_EXAMPLES, metavar="N",
-                        help=f"examples per kind of change (default: {DEFAULT_EXAMPLES})")
-
-
 def run(args: argparse.Namespace) -> int:
-    """Compare the two versions; print text or JSON, write the HTML page if asked. 0 on success."""
-    if args.examples < 0:
-        raise PathgenError(f"--examples must be >= 0, got {args.examples}")
+    """`pathgen diff` (its arguments: pathgen.cli): print text or JSON, write the HTML page if asked. 0 on success."""
+    examples = DEFAULT_EXAMPLES if args.examples is None else args.examples
+    if examples < 0:
+        raise PathgenError(f"--examples must be >= 0, got {examples}")
     with ExitStack() as stack:
         a = stack.enter_context(open_version(args.repo, args.rev_a))
         b = stack.enter_context(open_version(args.repo, args.rev_b))
-        report = diff_manifests(a.manifest, b.manifest, a.label, b.label, args.examples)
+        report = diff_manifests(a.manifest, b.manifest, a.label, b.label, examples)
         if args.html:
             page = render_html(report, a, b)
             write_text(page, args.html)
@@ -459,15 +447,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pathgen.dataset_diff ...`: as `pathgen diff`, errors as one line with status 2."""
-    parser = argparse.ArgumentParser(prog="pathgen diff", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except PathgenError as exc:
-        print(f"pathgen diff: error: {exc}", file=sys.stderr)
-        return 2
+    """`python -m pathgen.dataset_diff ...`: the same as `pathgen diff ...`."""
+    from pathgen.cli import main as cli_main
+
+    return cli_main(["diff", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -19,7 +18,8 @@ import yaml
 from PIL import Image
 
 from pathgen.assemble import PART_SCHEMA, assemble_dataset, assemble_shard
-from pathgen.dataset_diff import HTML_MAX_EXAMPLES, add_arguments, html_images, run, word_diff
+from pathgen.cli import build_parser
+from pathgen.dataset_diff import HTML_MAX_EXAMPLES, html_images, run, word_diff
 from pathgen.errors import PathgenError
 from pathgen.io import encode_jpeg, write_json, write_parquet, write_tar
 from pathgen.manifest import SlideEntry
@@ -151,11 +151,9 @@ def repo(tmp_path_factory) -> Path:
 
 
 def diff(capsys, repo: Path, *argv: str) -> str:
-    """Run `pathgen diff ARGV --repo REPO` through a parser built by add_arguments; its stdout."""
-    parser = argparse.ArgumentParser(prog="pathgen diff")
-    add_arguments(parser)
+    """Run `pathgen diff ARGV --repo REPO` through the CLI's own parser; its stdout."""
     capsys.readouterr()
-    assert run(parser.parse_args([*argv, "--repo", str(repo)])) == 0
+    assert run(build_parser().parse_args(["diff", *argv, "--repo", str(repo)])) == 0
     return capsys.readouterr().out
 
 
