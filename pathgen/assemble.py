@@ -33,6 +33,7 @@ from pathgen.io import atomic_path, tar_member, write_json, write_parquet, write
 from pathgen.manifest import SlideEntry
 from pathgen.patches import member_name
 from pathgen.shards import pair_key
+from pathgen.tables import require_columns, require_unique
 
 CONTEXT_LENGTH = 77  # CLIP's text context: the histogram covers 0..77 tokens
 EXPORT_NAME = "pathgen-1.6m.json"
@@ -91,12 +92,8 @@ def _read_table(path: Path, columns: tuple[str, ...], shard: str) -> pl.DataFram
     if not path.is_file():
         raise PathgenError(f"shard {shard}: input {path} not found")
     frame = pl.read_parquet(path)
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise PathgenError(f"shard {shard}: {path} lacks column(s) {', '.join(missing)}")
-    duplicated = frame.filter(pl.col("key").is_duplicated())["key"]
-    if len(duplicated):
-        raise PathgenError(f"shard {shard}: {path} has key '{duplicated[0]}' more than once")
+    require_columns(frame.columns, columns, f"shard {shard}: {path}")
+    require_unique(frame, "key", f"shard {shard}: {path}")
     return frame.select(columns)
 
 

@@ -42,6 +42,7 @@ import polars as pl
 
 from pathgen.errors import PathgenError
 from pathgen.io import write_text
+from pathgen.tables import require_columns, require_unique
 
 DATASET_DIR = "data/dataset"
 MANIFEST = f"{DATASET_DIR}/manifest.parquet"
@@ -108,16 +109,11 @@ def read_manifest(fs: Any, label: str) -> pl.DataFrame:
     with _open_file(fs, MANIFEST, label) as fh:
         data = fh.read()
     try:
-        schema = pl.read_parquet_schema(io.BytesIO(data))
-        missing = [c for c in COLUMNS if c not in schema]
-        if missing:
-            raise PathgenError(f"{label}: {MANIFEST} lacks column(s) {', '.join(missing)}")
+        require_columns(pl.read_parquet_schema(io.BytesIO(data)), COLUMNS, f"{label}: {MANIFEST}")
         frame = pl.read_parquet(io.BytesIO(data), columns=list(COLUMNS))
     except pl.exceptions.PolarsError as exc:
         raise PathgenError(f"{label}: {MANIFEST} is not a readable parquet file ({exc})") from None
-    duplicated = frame.filter(pl.col("key").is_duplicated())["key"].sort()
-    if len(duplicated):
-        raise PathgenError(f"{label}: {MANIFEST} has key '{duplicated[0]}' more than once")
+    require_unique(frame, "key", f"{label}: {MANIFEST}")
     return frame.with_columns(pl.col("tissue").fill_null(NO_TISSUE)).sort("key")
 
 

@@ -29,6 +29,7 @@ from pathgen.assemble import CONTEXT_LENGTH
 from pathgen.errors import PathgenError
 from pathgen.io import write_text
 from pathgen.seeds import rng_for
+from pathgen.tables import require_columns
 
 SAMPLES_NAME = "samples.html"
 PLOTS_NAME = "plots.html"
@@ -145,9 +146,7 @@ def _read_manifest(dataset_dir: Path) -> pl.DataFrame:
     if not path.is_file():
         raise PathgenError(f"{path} not found; assemble the dataset first")
     frame = pl.read_parquet(path)
-    missing = [c for c in SAMPLE_COLUMNS if c not in frame.columns]
-    if missing:
-        raise PathgenError(f"{path} lacks column(s) {', '.join(missing)}")
+    require_columns(frame.columns, SAMPLE_COLUMNS, str(path))
     return frame.select(SAMPLE_COLUMNS).sort("key")
 
 
