@@ -101,17 +101,18 @@ def collect_stages(root: str | Path = ".") -> tuple[list[Stage], dict[str, Any]]
         raise PathgenError(f"dvc-yaml: Snakemake could not build the DAG of {root / 'Snakefile'}: {exc}") from None
 
     stages: dict[str, Stage] = {}
-    stage_of_rule: dict[str, str] = {}
     producer: dict[str, str] = {}
     rule_index = {rule.name: i for i, rule in enumerate(dag.workflow.rules)}
     jobs = sorted((j for j in dag.jobs if Path(j.rule.snakefile).parent.name == "rules"),
                   key=lambda j: (rule_index[j.rule.name], sorted(map(str, j.output))))
-    for job in jobs:  # rule files define the stages
-        name = Path(job.rule.snakefile).stem
-        stage = stages.setdefault(name, Stage(name))
+    def stage_of(job: Any) -> str:  # rule files define the stages
+        return Path(job.rule.snakefile).stem
+
+    for job in jobs:
+        stage = stages.setdefault(stage_of(job), Stage(stage_of(job)))
         if job.rule.name not in stage.rules:
             stage.rules.append(job.rule.name)
-            code = job.rule.params.get("code") if hasattr(job.rule.params, "get") else getattr(job.rule.params, "code", None)
+            code = getattr(job.rule.params, "code", None)
             steps = steps_for_hash(code) if isinstance(code, str) else None
             if not steps:
                 raise PathgenError(f"dvc-yaml: rule '{job.rule.name}' ({job.rule.snakefile}) has no "
@@ -119,21 +120,19 @@ def collect_stages(root: str | Path = ".") -> tuple[list[Stage], dict[str, Any]]
             stage.steps.extend(steps)
             stage.code.update(p.relative_to(PACKAGE_DIR.parent).as_posix() for step in steps for p in step_modules(step))
             stage.code.add(Path(job.rule.snakefile).relative_to(root.resolve()).as_posix())
-        stage_of_rule[job.rule.name] = name
         stage.shard_wise |= "shard" in job.wildcards_dict
         for out in job.output:
-            producer[str(out)] = name
+            producer[str(out)] = stage.name
             stage.outs.add(_data_root(str(out), root))
     for job in jobs:
-        stage = stages[stage_of_rule[job.rule.name]]
+        stage = stages[stage_of(job)]
         stage.rule_deps.setdefault(job.rule.name, set()).update(dep.rule.name for dep in dag.dependencies[job])
         for path in job.input:
-            owner = producer.get(str(path))
-            if owner is None:
+            owner = producer.get(str(path))  # None: an external input (slide, report, checkpoint)
+            if owner != stage.name:
                 stage.deps.add(_data_root(str(path), root))
-            elif owner != stage.name:
+            if owner not in (None, stage.name):
                 stage.upstream.add(owner)
-                stage.deps.add(_data_root(str(path), root))
 
     order = _topological([s for s in stages.values()], [Path(r.snakefile).stem for r in dag.workflow.rules])
     for stage in order:  # shard-wise anywhere upstream makes the stage depend on `shards`
