@@ -49,18 +49,20 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pathgen.caption as caption_mod  # noqa: E402
-import pathgen.revise as revise_mod  # noqa: E402
-import pathgen.summarize as summarize_mod  # noqa: E402
-from pathgen.caption import MEMBER, describe_prompt, run_caption, shard_patches  # noqa: E402
+import pathgen.steps.caption as caption_mod  # noqa: E402
+import pathgen.steps.revise as revise_mod  # noqa: E402
+import pathgen.steps.summarize as summarize_mod  # noqa: E402
 from pathgen.config import validate_params  # noqa: E402
-from pathgen.io import read_tar, write_tar  # noqa: E402
-from pathgen.llm import LlamaCppAgent  # noqa: E402
-from pathgen.lmm import LlavaAgent  # noqa: E402
-from pathgen.manifest import read_manifest  # noqa: E402
-from pathgen.revise import revise_prompt, run_revise  # noqa: E402
-from pathgen.shards import pair_key, shard_slides  # noqa: E402
-from pathgen.summarize import clip_token_counter, run_summarize, summarize_one  # noqa: E402
+from pathgen.models.llm import LlamaCppAgent  # noqa: E402
+from pathgen.models.lmm import LlavaAgent  # noqa: E402
+from pathgen.steps.caption import describe_prompt, run_caption  # noqa: E402
+from pathgen.steps.revise import revise_prompt, run_revise  # noqa: E402
+from pathgen.steps.summarize import run_summarize, summarize_one  # noqa: E402
+from pathgen.store.io import read_tar, write_tar  # noqa: E402
+from pathgen.store.manifest import read_manifest  # noqa: E402
+from pathgen.store.patch_tars import MEMBER, shard_patches  # noqa: E402
+from pathgen.store.shards import pair_key, shard_slides  # noqa: E402
+from pathgen.text.tokens import clip_token_counter  # noqa: E402
 
 AGENTS = ("describe", "revise", "summarize")
 SECTIONS = ("manifest", "shards", "cache", *AGENTS)  # what this bench reads of params.yaml

@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pathgen.clip import encode_images, load_clip  # noqa: E402
 from pathgen.config import load_params  # noqa: E402
-from pathgen.embed import run_embed  # noqa: E402
-from pathgen.manifest import read_manifest  # noqa: E402
-from pathgen.slide import Slide  # noqa: E402
+from pathgen.models.clip import encode_images, load_clip  # noqa: E402
+from pathgen.steps.embed import run_embed  # noqa: E402
+from pathgen.store.manifest import read_manifest  # noqa: E402
+from pathgen.wsi.slide import Slide  # noqa: E402
 
 
 def bench_read(slides, grids, preprocess, limit) -> tuple[int, float]:

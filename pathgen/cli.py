@@ -32,7 +32,7 @@ def _mpp(text: str | None) -> float | None:
 
 
 def cmd_tile(args: argparse.Namespace) -> None:
-    from pathgen.tile import run_tile
+    from pathgen.steps.tile import run_tile
 
     params = _params(args, "tile")["tile"]
     grid = run_tile(args.wsi, args.slide_id, params, args.grid, args.thumbnail, args.info, _mpp(args.mpp))
@@ -40,7 +40,7 @@ def cmd_tile(args: argparse.Namespace) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
-    from pathgen.embed import run_embed
+    from pathgen.steps.embed import run_embed
 
     params = _params(args, "embed")
     features = run_embed(args.wsi, args.slide_id, args.grid, params["clip"], params["embed"], args.out,
@@ -49,7 +49,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
 
 def cmd_prompts(args: argparse.Namespace) -> None:
-    from pathgen.prompts import build_prompts, write_prompts
+    from pathgen.steps.prompts import build_prompts, write_prompts
 
     params = _params(args, "prompts")["prompts"]
     frame = build_prompts(args.slide_id, args.tissue, args.project or None, args.report or None, params,
@@ -61,7 +61,7 @@ def cmd_prompts(args: argparse.Namespace) -> None:
 def cmd_select(args: argparse.Namespace) -> None:
     import json
 
-    from pathgen.select import run_select
+    from pathgen.steps.select import run_select
 
     params = _params(args, "select")
     info = json.loads(Path(args.info).read_text())
@@ -71,7 +71,7 @@ def cmd_select(args: argparse.Namespace) -> None:
 
 
 def cmd_patches(args: argparse.Namespace) -> None:
-    from pathgen.patches import run_patches
+    from pathgen.steps.patches import run_patches
 
     count = run_patches(args.wsi, args.slide_id, args.selection, _params(args, "patches")["patches"], args.out,
                         _mpp(args.mpp))
@@ -81,7 +81,7 @@ def cmd_patches(args: argparse.Namespace) -> None:
 def _write_stats(args: argparse.Namespace, step: str, stats: dict[str, int]) -> None:
     log.info("%s %s: cache %s", step, args.shard, " ".join(f"{k}={v}" for k, v in sorted(stats.items())))
     if args.stats:
-        from pathgen.io import write_json
+        from pathgen.store.io import write_json
 
         write_json({"step": step, "shard": args.shard, **stats}, args.stats)
 
@@ -96,7 +96,7 @@ def _threads(args: argparse.Namespace) -> None:
 def cmd_caption(args: argparse.Namespace) -> None:
     import json
 
-    from pathgen.caption import run_caption
+    from pathgen.steps.caption import run_caption
 
     _threads(args)
     settings = _params(args, "caption")["describe"]
@@ -107,7 +107,7 @@ def cmd_caption(args: argparse.Namespace) -> None:
 def cmd_revise(args: argparse.Namespace) -> None:
     import json
 
-    from pathgen.revise import run_revise
+    from pathgen.steps.revise import run_revise
 
     _threads(args)
     settings = _params(args, "revise")["revise"]
@@ -117,7 +117,7 @@ def cmd_revise(args: argparse.Namespace) -> None:
 
 
 def cmd_summarize(args: argparse.Namespace) -> None:
-    from pathgen.summarize import run_summarize
+    from pathgen.steps.summarize import run_summarize
 
     settings = _params(args, "summarize")["summarize"]
     stats = run_summarize(args.revised, settings, args.cache_dir, args.flush_every, args.out, threads=args.threads)
@@ -127,8 +127,8 @@ def cmd_summarize(args: argparse.Namespace) -> None:
 def cmd_assemble_shard(args: argparse.Namespace) -> None:
     import json
 
-    from pathgen.assemble import assemble_shard
-    from pathgen.manifest import SlideEntry
+    from pathgen.steps.assemble import assemble_shard
+    from pathgen.store.manifest import SlideEntry
 
     slides = [SlideEntry(**entry) for entry in json.loads(args.slides_json)]
     part = assemble_shard(args.shard, slides, args.data_dir, args.out_dir)
@@ -136,14 +136,14 @@ def cmd_assemble_shard(args: argparse.Namespace) -> None:
 
 
 def cmd_assemble(args: argparse.Namespace) -> None:
-    from pathgen.assemble import assemble_dataset
+    from pathgen.steps.assemble import assemble_dataset
 
     metrics = assemble_dataset(args.out_dir, args.shards)
     log.info("assemble: %s", " ".join(f"{k}={v}" for k, v in sorted(metrics.items())))
 
 
 def cmd_report_pages(args: argparse.Namespace) -> None:
-    from pathgen.report_pages import write_report_pages
+    from pathgen.reporting.pages import write_report_pages
 
     paths = write_report_pages(args.dataset_dir, args.out_dir, args.n, args.seed, args.max_bytes or None)
     log.info("report-pages: %s", " ".join(str(p) for p in paths.values()))
@@ -152,8 +152,8 @@ def cmd_report_pages(args: argparse.Namespace) -> None:
 def cmd_import_pathgen(args: argparse.Namespace) -> None:
     import json
 
-    from pathgen.manifest import read_manifest
-    from pathgen.pathgen_json import import_pathgen_json
+    from pathgen.interop.importer import import_pathgen_json
+    from pathgen.store.manifest import read_manifest
 
     slides = {entry.slide_id: Path(entry.path) for entry in read_manifest(args.manifest)}
     summary = import_pathgen_json(args.json, slides, args.out, patch_size=args.patch_size,
@@ -162,7 +162,7 @@ def cmd_import_pathgen(args: argparse.Namespace) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
-    from pathgen import cache
+    from pathgen.store import cache
 
     if args.action == "stats":
         print(cache.format_stats(cache.cache_stats(args.root)))
@@ -174,21 +174,21 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from pathgen.demo import make_demo
+    from pathgen.demo.slides import make_demo
 
     manifest = make_demo(Path(args.root), seed=args.seed, scale=args.scale)
     print(manifest)
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from pathgen.tiny_models import build_tiny_models
+    from pathgen.demo.tiny_models import build_tiny_models
 
     for name, path in build_tiny_models(Path(args.out), seed=args.seed).items():
         print(f"{name}: {path}")
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from pathgen.manifest import read_manifest
+    from pathgen.store.manifest import read_manifest
 
     params = load_params(args.params)
     slides = read_manifest(params["manifest"])
@@ -196,7 +196,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def cmd_dvc_yaml(args: argparse.Namespace) -> None:
-    from pathgen.dvc_yaml import stale_lock_stages, write_dvc_yaml
+    from pathgen.lineage.dvc_yaml import stale_lock_stages, write_dvc_yaml
 
     current = write_dvc_yaml(args.root, check=args.check)
     print("dvc.yaml: up to date" if current else "dvc.yaml: written")
@@ -207,14 +207,14 @@ def cmd_dvc_yaml(args: argparse.Namespace) -> None:
 
 
 def cmd_sync(args: argparse.Namespace) -> None:
-    from pathgen.versioning import sync
+    from pathgen.lineage.versioning import sync
 
     touched = sync(args.root)
     print(f"pathgen sync: dvc status is clean; Snakemake now takes {touched} output file(s) as up to date")
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from pathgen.versioning import audit
+    from pathgen.lineage.versioning import audit
 
     result = audit(args.repo, args.rev, keep=args.keep, remote=args.remote)
     if result.passed:
@@ -227,7 +227,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from pathgen.dataset_diff import run
+    from pathgen.lineage.diff import run
 
     return run(args)
 

@@ -3,12 +3,12 @@
 
 import json
 
-from pathgen.codehash import code_hash
 from pathgen.config import step_params_json, validate_params
 from pathgen.errors import PathgenError
-from pathgen.fingerprint import checkpoint_files
-from pathgen.manifest import SLIDE_ID, read_manifest
-from pathgen.shards import shard_slides
+from pathgen.lineage.codehash import code_hash
+from pathgen.models.fingerprint import checkpoint_files
+from pathgen.store.manifest import SLIDE_ID, read_manifest
+from pathgen.store.shards import shard_slides
 
 try:
     validate_params(config, source="params.yaml (with --config overrides)")

@@ -1,5 +1,5 @@
 # The pages `snakemake --report report.html` shows besides the per-slide pictures
-# (tissue masks from rules/tile.smk, selection overlays from rules/select.smk).
+# (tissue masks from rules/embed.smk, selection overlays from rules/select.smk).
 
 report: "../report/workflow.rst"
 
@@ -18,7 +18,7 @@ rule report_pages:
         plots=report("data/report/plots.html", caption="../report/plots.rst", category="Dataset",
                      labels={"page": "metrics and plots"}),
     params:
-        code=code_hash("report_pages"),
+        code=code_hash("report"),
         n=12,  # sample pairs on the page, spread over the slides
         seed=config["seed"],
         max_bytes=1500000,  # fewer pairs if needed: Chromium shows no larger page inside the report

@@ -101,7 +101,7 @@ def project_copy(tmp_path):
 def train_open_clip(tmp_path: Path, train_data: str, samples: int, checkpoint: Path, batch_size: int = 8) -> str:
     """Train the tiny CLIP one epoch with open_clip's own trainer (the installed package, unchanged),
     offline on CPU; assert it ran and its losses are finite; return its log."""
-    from pathgen.tiny_models import TINY_CLIP_CONFIG
+    from pathgen.demo.tiny_models import TINY_CLIP_CONFIG
 
     # open_clip's `local-dir:` model schema: a folder with open_clip_config.json {"model_cfg": ...} and weights.
     model_dir = tmp_path / "tiny-clip-local"

@@ -11,12 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pathgen.cache import ItemCache
-from pathgen.cached import cached_map
-from pathgen.io import encode_jpeg
-from pathgen.revise import apply_ops, parse_ops
-from pathgen.summarize import clip_token_counter, fit_to_limit, summarize_one
-from pathgen.text import clean_generated_text
+from pathgen.steps.revise import apply_ops, parse_ops
+from pathgen.steps.summarize import fit_to_limit, summarize_one
+from pathgen.store.cache import ItemCache
+from pathgen.store.cached import cached_map
+from pathgen.store.io import encode_jpeg
+from pathgen.text.hygiene import clean_generated_text
+from pathgen.text.tokens import clip_token_counter
 
 DESCRIPTION = "The tissue shows glands. Nuclei are enlarged. Stroma is fibrotic."
 
@@ -127,8 +128,8 @@ def test_cached_map_computes_only_misses(tmp_path):
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
-    from pathgen.lmm import LlavaAgent
-    from pathgen.tiny_models import build_tiny_llava
+    from pathgen.demo.tiny_models import build_tiny_llava
+    from pathgen.models.lmm import LlavaAgent
 
     path = build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava")
     return LlavaAgent(path, {"max_new_tokens": 12, "do_sample": False, "device": "cpu", "batch_size": 4}, "describe")

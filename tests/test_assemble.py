@@ -14,21 +14,22 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-
-from conftest import train_open_clip
 import webdataset as wds
+from conftest import train_open_clip
 from PIL import Image
 
-from pathgen.assemble import EXPORT_NAME, PART_SCHEMA, assemble_dataset, assemble_shard
-from pathgen.demo import rectangle_label_map, write_synthetic_slide
+from pathgen.demo.slides import rectangle_label_map, write_synthetic_slide
 from pathgen.errors import PathgenError
-from pathgen.io import encode_jpeg, read_tar, write_json, write_parquet, write_tar
-from pathgen.manifest import SlideEntry
-from pathgen.pathgen_json import import_pathgen_json, read_pathgen_json
-from pathgen.patches import member_name
-from pathgen.select import SELECTION_SCHEMA
-from pathgen.shards import pair_key
-from pathgen.slide import Slide
+from pathgen.interop.importer import import_pathgen_json
+from pathgen.interop.pathgen_json import read_pathgen_json
+from pathgen.steps.assemble import PART_SCHEMA, assemble_dataset, assemble_shard
+from pathgen.steps.select import SELECTION_SCHEMA
+from pathgen.store.dataset import EXPORT_NAME
+from pathgen.store.io import encode_jpeg, read_tar, write_json, write_parquet, write_tar
+from pathgen.store.manifest import SlideEntry
+from pathgen.store.patch_tars import member_name
+from pathgen.store.shards import pair_key
+from pathgen.wsi.slide import Slide
 
 PATCH = 672
 
@@ -375,7 +376,7 @@ def test_read_pathgen_json_validates_and_groups(tmp_path):
 
 def test_open_clip_trains_on_an_assembled_shard(tmp_path):
     """`python -m open_clip_train.main`, unchanged, trains the tiny CLIP one epoch on assemble's output (CPU, offline)."""
-    from pathgen.tiny_models import build_tiny_clip
+    from pathgen.demo.tiny_models import build_tiny_clip
 
     rng = np.random.default_rng(0)
     pairs = []

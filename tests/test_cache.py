@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import pathgen.cache as cache
-from pathgen.cache import (
+import pathgen.store.cache as cache
+from pathgen.store.cache import (
     ItemCache,
     cache_stats,
     compact,
@@ -35,7 +35,7 @@ FP2 = hashlib.sha256(b"tiny-captioner v2").hexdigest()
 CHILD = r"""
 import os, signal, sys, time
 from pathlib import Path
-from pathgen.cache import ItemCache
+from pathgen.store.cache import ItemCache
 
 def payload(i): return f"payload-{i}".encode()
 def value(i): return {"i": i, "caption": f"item {i} \u00e9", "vec": [i, i / 2]}

@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pathgen.codehash import code_hash, step_modules
 from pathgen.config import load_params, parse_step_params, step_params, step_params_json, validate_params
 from pathgen.errors import ConfigError
-from pathgen.manifest import read_manifest
+from pathgen.store.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,11 +97,3 @@ def test_manifest_errors_name_file_and_problem(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as info:
         read_manifest(path)
     assert str(path) in str(info.value)
-
-
-def test_code_hash_follows_imports_and_leaves_out_plumbing():
-    names = {p.name for p in step_modules("select")}
-    assert {"select.py", "clip.py", "embeddings.py", "seeds.py", "io.py"} <= names
-    assert not names & {"cli.py", "errors.py", "config.py", "tile.py", "patches.py"}
-    assert "attributes.yaml" in {p.name for p in step_modules("prompts")}
-    assert len({code_hash(s) for s in ("tile", "embed", "prompts", "select", "patches")}) == 5

@@ -1,4 +1,4 @@
-"""`pathgen diff`: two versions of a dataset assembled by pathgen.assemble, committed to a temporary git + DVC repo."""
+"""`pathgen diff`: two versions of a dataset assembled by pathgen.steps.assemble, committed to a temporary git + DVC repo."""
 
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from pathgen.assemble import PART_SCHEMA, assemble_dataset, assemble_shard
 from pathgen.cli import build_parser
-from pathgen.dataset_diff import HTML_MAX_EXAMPLES, html_images, run, word_diff
 from pathgen.errors import PathgenError
-from pathgen.io import encode_jpeg, write_json, write_parquet, write_tar
-from pathgen.manifest import SlideEntry
-from pathgen.patches import member_name
-from pathgen.shards import pair_key
+from pathgen.lineage.diff import HTML_MAX_EXAMPLES, html_images, run, word_diff
+from pathgen.steps.assemble import PART_SCHEMA, assemble_dataset, assemble_shard
+from pathgen.store.io import encode_jpeg, write_json, write_parquet, write_tar
+from pathgen.store.manifest import SlideEntry
+from pathgen.store.patch_tars import member_name
+from pathgen.store.shards import pair_key
 
 BIN = Path(sys.executable).parent
 ENV = dict(os.environ, DVC_NO_ANALYTICS="1", GIT_TERMINAL_PROMPT="0")
@@ -314,10 +314,10 @@ def test_dataset_not_in_the_dvc_cache(capsys, repo, tmp_path):
 
 
 def test_module_entry_point(repo):
-    cmd = [sys.executable, "-m", "pathgen.dataset_diff", "HEAD~1", "HEAD", "--repo", str(repo), "--json"]
+    cmd = [sys.executable, "-m", "pathgen", "diff", "HEAD~1", "HEAD", "--repo", str(repo), "--json"]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["keys"]["removed"] == REMOVED
-    proc = subprocess.run(cmd[:3] + ["nope"] + cmd[5:], env=ENV, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd[:4] + ["nope"] + cmd[6:], env=ENV, capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == "pathgen diff: error: revision 'nope' not found\n"

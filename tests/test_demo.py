@@ -9,8 +9,8 @@ import numpy as np
 import openslide
 import pytest
 
-from pathgen import demo
-from pathgen.demo import (
+from pathgen.demo import slides as demo
+from pathgen.demo.slides import (
     ADIPOSE,
     BACKGROUND,
     DEMO_SLIDES,

@@ -1,4 +1,4 @@
-"""Tests for pathgen.prompts: report splitting, attribute table, prompt frame."""
+"""Tests for pathgen.steps.prompts: report splitting, attribute table, prompt frame."""
 
 from __future__ import annotations
 
@@ -10,20 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pathgen.errors import ConfigError, PathgenError, ReportError
-from pathgen.prompts import (
+from pathgen.steps.prompts import (
     DEFAULT_TEMPLATE,
-    GENERIC,
     PROMPT_SCHEMA,
-    AttributeTable,
     attribute_prompts,
     build_prompts,
-    load_attribute_table,
-    normalize_whitespace,
     read_report,
-    resolve_site,
-    split_report,
     write_prompts,
 )
+from pathgen.text.attributes import GENERIC, AttributeTable, load_attribute_table, resolve_site
+from pathgen.text.sentences import normalize_whitespace, split_report
 
 REQUIRED_SITES = [
     "lung", "breast", "colon", "rectum", "kidney", "prostate", "liver", "stomach",
@@ -524,10 +520,9 @@ import json  # noqa: E402
 
 import yaml  # noqa: E402
 
-from pathgen.cache import ItemCache  # noqa: E402
 from pathgen.config import load_params, params_schema, validate_params  # noqa: E402
-from pathgen.llm import LlamaCppAgent  # noqa: E402
-from pathgen.prompts import (  # noqa: E402
+from pathgen.models.llm import LlamaCppAgent  # noqa: E402
+from pathgen.steps.prompts import (  # noqa: E402
     CACHE_AGENT,
     DEFAULT_ATTRIBUTES_PROMPT,
     DEFAULT_CLEAN_PROMPT,
@@ -537,6 +532,7 @@ from pathgen.prompts import (  # noqa: E402
     make_llm_agent,
     prompt_params,
 )
+from pathgen.store.cache import ItemCache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LLM_TOKENS = 160  # enough for a JSON answer from the tiny model; keeps the tests quick
@@ -550,7 +546,7 @@ REPORTS = [
 
 @pytest.fixture(scope="module")
 def llm_cfg(tmp_path_factory) -> dict:
-    from pathgen.tiny_models import build_tiny_gguf
+    from pathgen.demo.tiny_models import build_tiny_gguf
 
     gguf = build_tiny_gguf(tmp_path_factory.mktemp("tiny-llm") / "tiny-llm.gguf", seed=0)
     return {

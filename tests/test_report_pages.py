@@ -15,18 +15,18 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from pathgen.assemble import PART_SCHEMA, assemble_dataset
 from pathgen.cli import main
 from pathgen.errors import PathgenError
-from pathgen.io import encode_jpeg, read_tar, write_parquet, write_tar
-from pathgen.report_pages import (
+from pathgen.reporting.pages import (
     pick_order,
     plots_html,
     sample_pairs_html,
     select_pairs,
     write_report_pages,
 )
-from pathgen.shards import pair_key
+from pathgen.steps.assemble import PART_SCHEMA, assemble_dataset
+from pathgen.store.io import encode_jpeg, read_tar, write_parquet, write_tar
+from pathgen.store.shards import pair_key
 
 # shard -> slide -> number of pairs
 LAYOUT = {"00000": {"slide-a": 5, "slide-b": 4}, "00001": {"slide-c": 3}}

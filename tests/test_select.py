@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from pathgen.select import (
+from pathgen.steps.select import (
     cluster_sample,
     combine_scores,
     drop_probability,

@@ -9,17 +9,18 @@ import polars as pl
 import pytest
 import tifffile
 import yaml
-
 from conftest import ROOT
-from pathgen.demo import rectangle_label_map, write_synthetic_slide
-from pathgen.embed import run_embed
-from pathgen.embeddings import read_embeddings
+
+from pathgen.demo.slides import rectangle_label_map, write_synthetic_slide
+from pathgen.demo.tiny_models import build_tiny_clip
 from pathgen.errors import ModelError, SlideError
-from pathgen.io import read_tar
-from pathgen.patches import member_name, run_patches
-from pathgen.slide import Slide
-from pathgen.tile import run_tile, tile_slide
-from pathgen.tiny_models import build_tiny_clip
+from pathgen.steps.embed import run_embed
+from pathgen.steps.patches import run_patches
+from pathgen.steps.tile import run_tile, tile_slide
+from pathgen.store.embeddings import read_embeddings
+from pathgen.store.io import read_tar
+from pathgen.store.patch_tars import member_name
+from pathgen.wsi.slide import Slide
 
 CELL = 512
 ROWS, COLS = 12, 16
@@ -54,7 +55,7 @@ def tile_params(params, **changes):
 def test_tissue_mask_matches_known_rectangle(rect_slide, params):
     with Slide(rect_slide, "rect") as slide:
         _, _, info = tile_slide(slide, tile_params(params, patch_size=CELL))
-        from pathgen.tissue import tissue_mask
+        from pathgen.wsi.tissue import tissue_mask
 
         thumb = slide.read_level(info["mask_level"])
         mask = tissue_mask(thumb, params["tile"]["mask"])

@@ -1,4 +1,4 @@
-"""Tests for pathgen.tiny_models: deterministic builds, offline loading, generation through the real APIs."""
+"""Tests for pathgen.demo.tiny_models: deterministic builds, offline loading, generation through the real APIs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pathgen.tiny_models import (
+from pathgen.demo.tiny_models import (
     TINY_LLAVA_IMAGE_SIZE,
     TINY_LLAVA_PATCH_SIZE,
     build_tiny_gguf,
@@ -105,7 +105,7 @@ def test_rebuild_same_bytes_same_mtimes(built, tmp_path):
 def test_fresh_build_in_another_process_same_bytes(built, tmp_path):
     # Tokenizer training runs in Rust with per-process hash seeds: rebuild from scratch elsewhere.
     code = (
-        "import sys; from pathgen.tiny_models import build_tiny_gguf, build_tiny_llava; "
+        "import sys; from pathgen.demo.tiny_models import build_tiny_gguf, build_tiny_llava; "
         "build_tiny_llava(sys.argv[1] + '/tiny-llava'); build_tiny_gguf(sys.argv[1] + '/tiny-llm/tiny-llm.gguf')"
     )
     env = dict(os.environ, PYTHONHASHSEED="12345", HF_HUB_OFFLINE="1")

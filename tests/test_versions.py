@@ -14,10 +14,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-
 from conftest import BIN, ROOT, planned_jobs, run, snakemake
-from pathgen.dvc_yaml import stale_lock_stages
-from pathgen.versioning import lock_differences
+
+from pathgen.lineage.dvc_yaml import stale_lock_stages
+from pathgen.lineage.versioning import lock_differences
 
 INPUTS = ["data/demo", "data/slides.tsv", "models/tiny-clip", "models/tiny-llava", "models/tiny-llm"]
 
@@ -63,9 +63,9 @@ def test_dvc_yaml_is_generated_from_the_snakefile(repo):
     assert list(stages) == ["embed", "select", "caption", "revise", "summarize", "assemble", "report"]
     assert stages["select"]["cmd"] == "snakemake --until select"
     assert stages["assemble"]["cmd"] == "snakemake --until assemble"  # assemble_shard runs as its dependency
-    assert {"data/demo", "data/embeddings", "data/tiles", "models/tiny-clip", "pathgen/select.py",
-            "pathgen/prompts.py", "pathgen/patches.py", "rules/select.smk"} <= set(stages["select"]["deps"])
-    assert "pathgen/select.py" not in stages["caption"]["deps"]
+    assert {"data/demo", "data/embeddings", "data/tiles", "models/tiny-clip", "pathgen/steps/select.py",
+            "pathgen/steps/prompts.py", "pathgen/steps/patches.py", "rules/select.smk"} <= set(stages["select"]["deps"])
+    assert "pathgen/steps/select.py" not in stages["caption"]["deps"]
     assert stages["select"]["params"] == ["manifest", "prompts", "seed", "clip", "select", "patches"]
     assert stages["select"]["outs"] == [{d: {"persist": True}} for d in ("data/patches", "data/prompts", "data/selection")]
     assert stages["caption"]["outs"] == [{"data/captions": {"persist": True}}]
@@ -117,8 +117,8 @@ def test_lock_differences_names_each_moved_output():
 
 
 def test_code_change_reruns_its_step_in_both_engines(repo):
-    """Editing pathgen/select.py is a change of the select stage for DVC and of the select rule for Snakemake."""
-    module = repo / "pathgen/select.py"
+    """Editing pathgen/steps/select.py is a change of the select stage for DVC and of the select rule for Snakemake."""
+    module = repo / "pathgen/steps/select.py"
     original = module.read_text()
     module.write_text(original + "\n# an edit\n")
     try:

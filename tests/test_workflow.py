@@ -12,17 +12,17 @@ import tarfile
 import time
 
 import numpy as np
+import open_clip
 import polars as pl
 import pytest
-import open_clip
 import webdataset as wds
 import yaml
+from conftest import BIN, planned_jobs, run, snakemake, train_open_clip
 from PIL import Image
 
-from conftest import BIN, planned_jobs, run, snakemake, train_open_clip
-from pathgen.demo import write_synthetic_slide
-from pathgen.embeddings import read_embeddings
-from pathgen.manifest import read_manifest
+from pathgen.demo.slides import write_synthetic_slide
+from pathgen.store.embeddings import read_embeddings
+from pathgen.store.manifest import read_manifest
 
 pytestmark = pytest.mark.workflow
 STEPS = ("embed", "select")  # slide-side jobs: tile+embed, prompts+select+patches

@@ -1,0 +1,116 @@
+"""Loading the retrieval CLIP (PathGen-CLIP-L_init, or the tiny offline stand-in).
+
+One code path for both: an optional open_clip model config is registered,
+then `open_clip.create_model_and_transforms(model, pretrained=<local file>)`
+builds the architecture and loads the checkpoint. Nothing is fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import open_clip
+import torch
+
+from pathgen.errors import ModelError
+from pathgen.models.device import resolve_device
+from pathgen.models.fingerprint import file_sha256
+
+
+@dataclass
+class ClipModel:
+    """A loaded CLIP: model in eval mode, its image transform and tokenizer."""
+
+    name: str
+    model: torch.nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    device: torch.device
+    input_size: int
+    fingerprint: str  # sha256 over architecture name, config and checkpoint bytes
+    checkpoint_sha256: str
+
+
+def clip_fingerprint(cfg: dict[str, Any]) -> tuple[str, str]:
+    """(fingerprint, checkpoint sha256) of the CLIP named by params.yaml's `clip` section."""
+    checkpoint = Path(cfg["checkpoint"])
+    if not checkpoint.is_file():
+        raise ModelError(
+            f"CLIP checkpoint {checkpoint} not found (params.yaml clip.checkpoint); "
+            "run `pathgen models tiny` for the offline demo model or place the PathGen-CLIP-L weights there"
+        )
+    ckpt_sha = file_sha256(checkpoint)
+    digest = hashlib.sha256()
+    digest.update(json.dumps({k: cfg[k] for k in ("model", "force_quick_gelu", "input_size")}, sort_keys=True).encode())
+    if cfg.get("config"):
+        digest.update(Path(cfg["config"]).read_bytes())
+    digest.update(ckpt_sha.encode())
+    return digest.hexdigest(), ckpt_sha
+
+
+def load_clip(cfg: dict[str, Any], device: str = "cpu") -> ClipModel:
+    """Build and load the CLIP named by params.yaml's `clip` section; ModelError names the file."""
+    if cfg.get("config"):
+        config_path = Path(cfg["config"])
+        if not config_path.is_file():
+            raise ModelError(f"open_clip model config {config_path} not found (params.yaml clip.config)")
+        if config_path.stem != cfg["model"]:
+            # open_clip registers a config under its file name.
+            raise ModelError(f"params.yaml clip.config {config_path} must be named '{cfg['model']}.json' (clip.model)")
+        try:
+            open_clip.add_model_config(config_path)
+        except (json.JSONDecodeError, OSError) as exc:
+            raise ModelError(f"open_clip model config {config_path} is not valid JSON: {exc}") from None
+    if open_clip.get_model_config(cfg["model"]) is None:
+        raise ModelError(f"unknown open_clip architecture '{cfg['model']}' (params.yaml clip.model)")
+    fingerprint, ckpt_sha = clip_fingerprint(cfg)
+    torch_device = resolve_device(device)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            cfg["model"],
+            pretrained=str(cfg["checkpoint"]),
+            force_quick_gelu=cfg["force_quick_gelu"],
+            device=torch_device,
+        )
+    except Exception as exc:  # open_clip raises RuntimeError/KeyError/pickle errors for a bad file
+        raise ModelError(f"cannot load CLIP checkpoint {cfg['checkpoint']} as '{cfg['model']}': {exc}") from None
+    model.eval()
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    if size != cfg["input_size"]:
+        raise ModelError(f"params.yaml clip.input_size is {cfg['input_size']} but '{cfg['model']}' takes {size} px")
+    return ClipModel(
+        name=cfg["model"],
+        model=model,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(cfg["model"]),
+        device=torch_device,
+        input_size=size,
+        fingerprint=fingerprint,
+        checkpoint_sha256=ckpt_sha,
+    )
+
+
+@torch.inference_mode()
+def encode_images(clip: ClipModel, batch: torch.Tensor) -> np.ndarray:
+    """L2-normalised image features (float32) of a preprocessed batch."""
+    features = clip.model.encode_image(batch.to(clip.device), normalize=True)
+    return features.float().cpu().numpy()
+
+
+@torch.inference_mode()
+def encode_texts(clip: ClipModel, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    """L2-normalised text features (float32), one row per text."""
+    dim = clip.model.text_projection.shape[1] if hasattr(clip.model, "text_projection") else None
+    if not texts:
+        return np.zeros((0, dim or 0), np.float32)
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tokens = clip.tokenizer(texts[start : start + batch_size]).to(clip.device)
+        out.append(clip.model.encode_text(tokens, normalize=True).float().cpu().numpy())
+    return np.concatenate(out)
