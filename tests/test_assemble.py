@@ -315,10 +315,11 @@ def test_export_import_round_trip(tmp_path, real_slide):
     imported = tmp_path / "imported"
     done = tmp_path / "done"
     summary = import_pathgen_json(export, local, imported, done_dir=done)
-    assert summary["written"] == ["S1", "S2"] and summary["skipped"] == [] and summary["missing"] == ["GONE"]
-    assert (summary["pairs"], summary["slides"], summary["pairs_written"]) == (6, 3, 5)
+    slides, records = summary["slides"], summary["records"]
+    assert (slides["listed"], slides["imported"], slides["resumed"], slides["missing_first"]) == (3, 2, 0, ["GONE"])
+    assert (records["read"], records["imported"], records["skipped"]["slide_not_in_manifest"]) == (6, 5, 1)
     assert json.loads((imported / "sizes.json").read_text()) == {"S1.tar": 3, "S2.tar": 2}
-    assert sorted(p.name for p in imported.iterdir()) == ["S1.tar", "S2.tar", "sizes.json"]
+    assert sorted(p.name for p in imported.iterdir()) == ["S1.tar", "S2.tar", "import-summary.json", "sizes.json"]
     assert json.loads((done / "S1.json").read_text())["pairs"] == 3
 
     assembled = {s["__key__"]: s for s in wds.WebDataset(str(out / "00000.tar"), shardshuffle=False)}
@@ -335,25 +336,14 @@ def test_export_import_round_trip(tmp_path, real_slide):
     # Resumable: a second run skips every finished slide; a deleted shard is redone alone.
     stamps = {p.name: p.stat().st_mtime_ns for p in imported.glob("*.tar")}
     again = import_pathgen_json(export, local, imported, done_dir=done)
-    assert (again["written"], again["skipped"], again["missing"]) == ([], ["S1", "S2"], ["GONE"])
+    assert [again["slides"][k] for k in ("imported", "resumed", "missing_first")] == [0, 2, ["GONE"]]
     assert {p.name: p.stat().st_mtime_ns for p in imported.glob("*.tar")} == stamps
     s2 = (imported / "S2.tar").read_bytes()
     (imported / "S2.tar").unlink()
     redo = import_pathgen_json(export, local, imported, done_dir=done)
-    assert (redo["written"], redo["skipped"]) == (["S2"], ["S1"])
+    assert (redo["slides"]["imported"], redo["slides"]["resumed"], redo["records"]["imported"]) == (1, 1, 2)
     assert (imported / "S2.tar").read_bytes() == s2
     assert (imported / "S1.tar").stat().st_mtime_ns == stamps["S1.tar"]
-
-
-def test_import_position_outside_slide_is_named(tmp_path, real_slide):
-    listing = tmp_path / "pathgen.json"
-    listing.write_text(json.dumps([
-        {"wsi_id": "S1", "position": ["0", "0"], "caption": "fine", "file_id": None},
-        {"wsi_id": "S1", "position": ["3500", "0"], "caption": "past the right edge", "file_id": None},
-    ]))
-    with pytest.raises(PathgenError, match=r"wsi_id 'S1' position \(3500, 0\)"):
-        import_pathgen_json(listing, {"S1": real_slide}, tmp_path / "out")
-    assert not (tmp_path / "out" / "S1.tar").exists()
 
 
 def test_read_pathgen_json_validates_and_groups(tmp_path):
@@ -363,12 +353,42 @@ def test_read_pathgen_json_validates_and_groups(tmp_path):
         {"wsi_id": "V", "position": [0, 5], "caption": "c2"},
         {"wsi_id": "W", "position": ["10", "20"], "caption": "again", "file_id": "f"},
     ]))
-    groups, duplicates = read_pathgen_json(listing)
-    assert duplicates == 1
-    assert {w: [(p.x, p.y, p.caption, p.file_id) for p in ps] for w, ps in groups.items()} == {
+    read = read_pathgen_json(listing)
+    assert (read.records, read.skipped["duplicate_position"], read.examples) == (3, 1, [])
+    assert {w: [(p.x, p.y, p.caption, p.file_id) for p in ps] for w, ps in read.groups.items()} == {
         "W": [(10, 20, "c1", "f")], "V": [(0, 5, "c2", None)]}
-    listing.write_text(json.dumps([{"wsi_id": "W", "position": ["ten", "20"], "caption": "c"}]))
-    with pytest.raises(PathgenError, match=r"record 0 \(wsi_id 'W'\).*position"):
+
+
+def test_read_pathgen_json_skips_and_counts_malformed_records(tmp_path):
+    listing = tmp_path / "pathgen.json"
+    listing.write_text(json.dumps([
+        {"wsi_id": "W", "position": ["ten", "20"], "caption": "c"},
+        {"wsi_id": "W", "position": ["1"], "caption": "c"},
+        {"wsi_id": "W", "position": [True, 2], "caption": "c"},
+        {"wsi_id": "W", "position": ["0", "0"]},
+        {"wsi_id": "W", "position": ["0", "0"], "caption": "  "},
+        {"wsi_id": "bad id", "position": ["0", "0"], "caption": "c"},
+        {"wsi_id": "W", "position": ["0", "0"], "caption": "c", "file_id": 7},
+        ["not", "an", "object"],
+        {"wsi_id": "W", "position": ["-5", "8"], "caption": "kept: bounds are the importer's"},
+    ]))
+    read = read_pathgen_json(listing)
+    assert read.records == 9
+    assert read.skipped == {"not_an_object": 1, "bad_wsi_id": 1, "missing_caption": 2, "bad_file_id": 1,
+                            "bad_position": 3, "duplicate_position": 0}
+    assert [(p.x, p.y) for p in read.groups["W"]] == [(-5, 8)]
+    assert read.examples[0] == "record 0 (wsi_id 'W'): position must hold two integers, got ['ten', '20']"
+    assert len(read.examples) == 5 and read.examples[3].startswith("record 3 (wsi_id 'W'): caption")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"wsi_id": "W"}', "expected a JSON list of records, got dict"),
+    ("[{", "not valid JSON"),
+])
+def test_read_pathgen_json_rejects_a_file_not_in_the_format(tmp_path, text, message):
+    listing = tmp_path / "pathgen.json"
+    listing.write_text(text)
+    with pytest.raises(PathgenError, match=message):
         read_pathgen_json(listing)
 
 

@@ -3,6 +3,8 @@
 A JSON list of {"wsi_id", "position": ["X", "Y"], "caption", "file_id"}: the
 WSI (a TCGA slide name), the level-0 top-left of a 672 × 672 px patch at the
 highest magnification, its caption, and the GDC file UUID of the slide.
+Reading skips malformed records and counts them by reason; only a file that
+is not a JSON list at all is an error.
 """
 
 from __future__ import annotations
@@ -27,24 +29,61 @@ class Pair(NamedTuple):
     file_id: str | None
 
 
+# Why a record is skipped, in the order they are checked.
+RECORD_REASONS = ("not_an_object", "bad_wsi_id", "missing_caption", "bad_file_id", "bad_position", "duplicate_position")
+EXAMPLES = 5  # malformed records quoted (index and reason) per read
+
+
+class Listing(NamedTuple):
+    """A read PathGen JSON: its well-formed pairs by slide and what was left out."""
+
+    groups: dict[str, list[Pair]]  # wsi_id -> its pairs, file order, duplicate positions dropped
+    records: int  # records in the file
+    skipped: dict[str, int]  # reason (RECORD_REASONS) -> records left out for it
+    examples: list[str]  # the first EXAMPLES malformed records, as "record N (wsi_id 'W'): why"
+
+
 def _integer(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(value)
     return int(value)
 
 
-def _position(value: Any, where: str) -> tuple[int, int]:
+def _position(value: Any) -> tuple[int, int] | str:
+    """(x, y), or why `value` is not a position."""
     if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise PathgenError(f"{where}: position must be a list of two numbers, got {value!r}")
+        return f"position must be a list of two numbers, got {value!r}"
     try:
         x, y = (_integer(v) for v in value)
     except ValueError:
-        raise PathgenError(f"{where}: position must hold two integers, got {value!r}") from None
+        return f"position must hold two integers, got {value!r}"
     return x, y
 
 
-def read_pathgen_json(json_path: str | Path) -> tuple[dict[str, list[Pair]], int]:
-    """wsi_id -> its pairs (file order, duplicate positions dropped), and the number of duplicates dropped."""
+def _check(rec: Any) -> tuple[str, Pair] | tuple[str, str]:
+    """(wsi_id, its Pair) for a well-formed record, else (reason, why: "(wsi_id 'W'): ..." or ": ...")."""
+    if not isinstance(rec, dict):
+        return "not_an_object", f": expected an object, got {type(rec).__name__}"
+    wsi_id, caption, file_id = rec.get("wsi_id"), rec.get("caption"), rec.get("file_id")
+    if not isinstance(wsi_id, str) or not SLIDE_ID.match(wsi_id):
+        return "bad_wsi_id", f": wsi_id {wsi_id!r} must match {SLIDE_ID.pattern}"
+    where = f" (wsi_id '{wsi_id}'): "
+    if not isinstance(caption, str) or not caption.strip():
+        return "missing_caption", f"{where}caption must be a non-empty string"
+    if file_id is not None and not isinstance(file_id, str):
+        return "bad_file_id", f"{where}file_id must be a string or null, got {file_id!r}"
+    position = _position(rec.get("position"))
+    if isinstance(position, str):
+        return "bad_position", where + position
+    return wsi_id, Pair(position[0], position[1], caption, file_id)
+
+
+def read_pathgen_json(json_path: str | Path) -> Listing:
+    """The well-formed pairs of a PathGen JSON, grouped by slide; malformed records are skipped and counted.
+
+    PathgenError (one line) only when the file as a whole is not the format:
+    missing, not JSON, or not a JSON list.
+    """
     json_path = Path(json_path)
     if not json_path.is_file():
         raise PathgenError(f"{json_path}: PathGen JSON not found")
@@ -55,26 +94,23 @@ def read_pathgen_json(json_path: str | Path) -> tuple[dict[str, list[Pair]], int
     if not isinstance(records, list):
         raise PathgenError(f"{json_path}: expected a JSON list of records, got {type(records).__name__}")
     groups: dict[str, dict[tuple[int, int], Pair]] = {}
-    duplicates = 0
+    skipped = dict.fromkeys(RECORD_REASONS, 0)
+    examples: list[str] = []
     for index, rec in enumerate(records):
-        where = f"{json_path}: record {index}"
-        if not isinstance(rec, dict):
-            raise PathgenError(f"{where}: expected an object, got {type(rec).__name__}")
-        wsi_id, caption, file_id = rec.get("wsi_id"), rec.get("caption"), rec.get("file_id")
-        if not isinstance(wsi_id, str) or not SLIDE_ID.match(wsi_id):
-            raise PathgenError(f"{where}: wsi_id {wsi_id!r} must match {SLIDE_ID.pattern}")
-        where = f"{where} (wsi_id '{wsi_id}')"
-        if not isinstance(caption, str) or not caption.strip():
-            raise PathgenError(f"{where}: caption must be a non-empty string")
-        if file_id is not None and not isinstance(file_id, str):
-            raise PathgenError(f"{where}: file_id must be a string or null, got {file_id!r}")
-        x, y = _position(rec.get("position"), where)
-        pairs = groups.setdefault(wsi_id, {})
-        if (x, y) in pairs:
-            duplicates += 1
+        key, checked = _check(rec)
+        if isinstance(checked, str):
+            skipped[key] += 1
+            if len(examples) < EXAMPLES:
+                examples.append(f"record {index}{checked}")
             continue
-        pairs[(x, y)] = Pair(x, y, caption, file_id)
-    return {wsi_id: list(pairs.values()) for wsi_id, pairs in groups.items()}, duplicates
+        pairs = groups.setdefault(key, {})
+        if (checked.x, checked.y) in pairs:
+            skipped["duplicate_position"] += 1
+            continue
+        pairs[(checked.x, checked.y)] = checked
+    count = len(records)
+    del records
+    return Listing({wsi_id: list(pairs.values()) for wsi_id, pairs in groups.items()}, count, skipped, examples)
 
 
 def pathgen_records(manifest: pl.DataFrame) -> list[dict[str, Any]]:
