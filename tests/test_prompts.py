@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import logging
 from pathlib import Path
 
 import polars as pl
@@ -13,13 +15,18 @@ from pathgen.errors import ConfigError, PathgenError, ReportError
 from pathgen.steps.prompts import (
     DEFAULT_TEMPLATE,
     PROMPT_SCHEMA,
+    Report,
     attribute_prompts,
     build_prompts,
+    decode_report,
+    guess_encoding,
     read_report,
+    source_notes,
+    with_notes,
     write_prompts,
 )
 from pathgen.text.attributes import GENERIC, AttributeTable, load_attribute_table, resolve_site
-from pathgen.text.sentences import normalize_whitespace, split_report
+from pathgen.text.sentences import normalize_whitespace, split_report, split_sentences
 
 REQUIRED_SITES = [
     "lung", "breast", "colon", "rectum", "kidney", "prostate", "liver", "stomach",
@@ -386,16 +393,18 @@ def test_missing_table_raises_config_error(tmp_path):
 def test_read_report_returns_text(tmp_path):
     path = tmp_path / "r.txt"
     path.write_bytes("\ufeffTumor   present.\n".encode())
-    assert read_report(path, "S1") == "Tumor   present.\n"
+    assert read_report(path, "S1") == Report("Tumor   present.\n", "utf-8", None)
 
 
 @pytest.mark.parametrize(
     "content,message",
     [
-        (b"", "is empty"),
-        (b"  \n\t\r\n  ", "is empty"),
-        (b"\xff\xfe\x00\x01binary\x89PNG", "not valid UTF-8"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "NUL"),
         (b"text\x00with nul", "NUL"),
+        ("Tumour\x00".encode("utf-16-le"), "NUL"),  # UTF-16 without its BOM: NUL bytes, refused as binary
+        (codecs.BOM_UTF16_LE + "Tumour".encode("utf-16-le") + b"x", "not valid UTF-16-LE"),
+        (codecs.BOM_UTF16_LE + "Tu\x00mour".encode("utf-16-le"), "NUL"),
+        (bytes(range(128, 256)), "not valid UTF-8 .* no text encoding explains"),
     ],
 )
 def test_read_report_bad_content(tmp_path, content, message):
@@ -405,16 +414,73 @@ def test_read_report_bad_content(tmp_path, content, message):
         read_report(path, "SLIDE-7")
     assert str(path) in str(info.value)
     assert "SLIDE-7" in str(info.value)
+    assert "\n" not in str(info.value)
     assert isinstance(info.value, PathgenError)
+
+
+@pytest.mark.parametrize("content", [b"", b"  \n\t\r\n  ", codecs.BOM_UTF8, codecs.BOM_UTF8 + b"\n ",
+                                     codecs.BOM_UTF16_LE + " \n".encode("utf-16-le"), b"\xa0 \n"])
+def test_read_report_empty_or_blank_is_no_report(tmp_path, content, caplog):
+    path = tmp_path / "empty.txt"
+    path.write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="pathgen.steps.prompts"):
+        report = read_report(path, "SLIDE-8")
+    assert report.reason == "empty" and not report.text.strip()
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "SLIDE-8" in caplog.text and str(path) in caplog.text
+
+
+REPORT_CP1252 = "Tumour cells 5 µm, pleomorphic nuclei; résumé"
+
+
+@pytest.mark.parametrize("codec", ["cp1252", "latin-1"])
+def test_read_report_western_code_page_is_read_as_cp1252(tmp_path, codec, caplog):
+    path = tmp_path / "r.txt"
+    path.write_bytes(REPORT_CP1252.encode(codec))
+    with caplog.at_level(logging.WARNING, logger="pathgen.steps.prompts"):
+        report = read_report(path, "S1")
+    assert report == Report(REPORT_CP1252, "cp1252", None)
+    assert "S1" in caplog.text and str(path) in caplog.text and "cp1252" in caplog.text
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+def test_read_report_utf16_with_bom(tmp_path, codec):
+    path = tmp_path / "r.txt"
+    text = REPORT_CP1252 + " 4 °C; Ki-67 ± 5 %; 腫瘍\n"
+    path.write_bytes(("\ufeff" + text).encode(codec))
+    assert read_report(path, "S1") == Report(text, codec, None)
+
+
+@pytest.mark.parametrize(
+    "text,codec",
+    [
+        (REPORT_CP1252, "cp1252"),
+        ("Diagnosis: adenocarcinoma. Cells 5 µm.\n", "cp1252"),  # charset-normalizer alone: Big5
+        ("µm", "cp1252"),
+        ("FINAL DIAGNOSIS: invasive carcinoma, 3 × 2 cm, ½ of the specimen; “necrosis”, 4 °C, Ki-67 ± 5 %. " * 20,
+         "cp1252"),
+        ("Größe 3 cm. Kerne pleomorph, Zellen 5 µm, Mitosen häufig; Resektionsränder frei. " * 5, "cp1252"),
+        ("Células tumorales de 5 µm, núcleos pleomórficos; señal, año.", "cp1252"),
+        ("Опухолевые клетки 5 мкм, плеоморфные ядра; заключение. " * 5, "cp1251"),
+        ("Komórki nowotworowe 5 µm, pleomorficzne jądra; wnioski, źródło, łąka. " * 5, "cp1250"),
+        ("肿瘤细胞 5 mm，多形性核；结论。" * 5, "gb18030"),
+    ],
+)
+def test_guess_encoding_reads_typical_reports(text, codec):
+    data = text.encode(codec)
+    guessed = guess_encoding(data)
+    assert data.decode(guessed) == text
+    assert guessed == codecs.lookup(codec).name
+    assert decode_report(data) == (text, guessed) and guess_encoding(data) == guessed  # deterministic
 
 
 def test_read_report_message_names_path_as_given(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "x.txt").write_text("   ")
+    (tmp_path / "data" / "x.txt").write_bytes(b"Tumour\x00")
     with pytest.raises(ReportError) as info:
         read_report("data/x.txt", "S")
-    assert str(info.value) == "report data/x.txt for slide S is empty"
+    assert str(info.value) == "report data/x.txt for slide S contains NUL bytes: a binary file, not a text report"
 
 
 def test_read_report_missing_or_directory(tmp_path):
@@ -423,6 +489,31 @@ def test_read_report_missing_or_directory(tmp_path):
     assert "missing.txt" in str(info.value) and "S2" in str(info.value)
     with pytest.raises(ReportError, match="directory"):
         read_report(tmp_path, "S2")
+
+
+def test_read_report_unreadable(tmp_path, monkeypatch):
+    path = tmp_path / "locked.txt"
+    path.write_text("Tumour.")
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(ReportError, match="cannot be read: Permission denied") as info:
+        read_report(path, "S3")
+    assert str(path) in str(info.value) and "S3" in str(info.value)
+
+
+def test_source_notes():
+    assert source_notes("r.txt") == ("r.txt", {})
+    assert source_notes("r.txt;encoding=cp1252") == ("r.txt", {"encoding": "cp1252"})
+    assert source_notes("llm:abc:report:r.txt;encoding=utf-16-le") == ("llm:abc:report:r.txt",
+                                                                        {"encoding": "utf-16-le"})
+    assert source_notes("table:lung;no-report=empty:r.txt") == ("table:lung", {"no-report": "empty:r.txt"})
+    both = with_notes("llm:abc:attributes", encoding="cp1252", no_report="empty:r.txt")
+    assert both == "llm:abc:attributes;encoding=cp1252;no-report=empty:r.txt"
+    assert source_notes(both) == ("llm:abc:attributes", {"encoding": "cp1252", "no-report": "empty:r.txt"})
+    assert list(source_notes(both)[1]) == ["encoding", "no-report"]  # in written order
 
 
 # --------------------------------------------------------------------------
@@ -472,10 +563,57 @@ def test_build_prompts_is_deterministic(tmp_path):
 
 
 def test_build_prompts_report_error_propagates(tmp_path):
-    report = tmp_path / "empty.txt"
-    report.write_text("")
-    with pytest.raises(ReportError, match="slide S9 is empty"):
+    with pytest.raises(ReportError, match="slide S9 does not exist"):
+        build_prompts("S9", "lung", None, str(tmp_path / "missing.txt"), PARAMS)
+    report = tmp_path / "binary.txt"
+    report.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(ReportError, match="slide S9 contains NUL bytes"):
         build_prompts("S9", "lung", None, str(report), PARAMS)
+
+
+@pytest.mark.parametrize("content", [b"", b" \n\t \n"])
+def test_build_prompts_empty_report_gives_attribute_prompts_only(tmp_path, table, content, caplog):
+    report = tmp_path / "TCGA-XX-0002.txt"
+    report.write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="pathgen.steps.prompts"):
+        frame = build_prompts("S9", "lung", None, str(report), PARAMS)
+    assert frame.schema == pl.Schema(PROMPT_SCHEMA)
+    assert set(frame["kind"]) == {"attribute"} and frame.height == len(table.sites["lung"])
+    assert set(frame["source"]) == {"table:lung;no-report=empty:TCGA-XX-0002.txt"}
+    assert source_notes(frame["source"][0]) == ("table:lung", {"no-report": "empty:TCGA-XX-0002.txt"})
+    no_report = build_prompts("S9", "lung", None, None, PARAMS)
+    assert frame["text"].to_list() == no_report["text"].to_list()  # the prompts of a slide without a report
+    assert "S9" in caplog.text and str(report) in caplog.text
+
+
+def test_cli_prompts_empty_report_succeeds_with_attribute_prompts(tmp_path):
+    from pathgen.cli import main
+
+    report = tmp_path / "blank.txt"
+    report.write_text("\n   \n")
+    out = tmp_path / "p.parquet"
+    argv = ["prompts", "--slide-id", "S", "--tissue", "lung", "--project", "TCGA-LUAD", "--report", str(report),
+            "--params-json", json.dumps({"prompts": {**PARAMS, "llm": None}}), "--out", str(out)]
+    assert main(argv) == 0
+    frame = pl.read_parquet(out)
+    assert set(frame["kind"]) == {"attribute"} and set(frame["source"]) == {"table:lung;no-report=empty:blank.txt"}
+
+
+def test_build_prompts_records_the_encoding(tmp_path):
+    report = tmp_path / "r.txt"
+    text = "Tumour cells 5 µm, pleomorphic nuclei; résumé. Fixed at 4 °C. " * 10
+    report.write_bytes(text.encode("cp1252"))
+    frame = build_prompts("S", "colon", None, str(report), PARAMS)
+    reports = frame.filter(pl.col("kind") == "report")
+    assert set(reports["source"]) == {"r.txt;encoding=cp1252"}
+    assert " ".join(reports["text"]) == normalize_whitespace(text)
+    assert set(frame.filter(pl.col("kind") == "attribute")["source"]) == {"table:colon"}
+    write_prompts(frame, tmp_path / "a.parquet")
+    write_prompts(build_prompts("S", "colon", None, str(report), PARAMS), tmp_path / "b.parquet")
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+    report.write_bytes(("\ufeff" + text).encode("utf-16-le"))
+    frame = build_prompts("S", "colon", None, str(report), PARAMS)
+    assert set(frame.filter(pl.col("kind") == "report")["source"]) == {"r.txt;encoding=utf-16-le"}
 
 
 def test_build_prompts_uses_params(tmp_path):
@@ -517,6 +655,7 @@ def test_build_prompts_bad_params(params, message):
 # LLM-written prompts (prompts.llm), with a real tiny random GGUF
 
 import json  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -524,13 +663,18 @@ from pathgen.config import load_params, params_schema, validate_params  # noqa: 
 from pathgen.models.llm import LlamaCppAgent  # noqa: E402
 from pathgen.steps.prompts import (  # noqa: E402
     CACHE_AGENT,
+    CHAT_OVERHEAD_TOKENS,
     DEFAULT_ATTRIBUTES_PROMPT,
     DEFAULT_CLEAN_PROMPT,
     clean_report,
+    estimate_tokens,
     fill_template,
     llm_attributes,
     make_llm_agent,
+    prompt_budget,
     prompt_params,
+    report_chunks,
+    token_counter,
 )
 from pathgen.store.cache import ItemCache  # noqa: E402
 
@@ -635,11 +779,134 @@ def test_clean_report_invalid_answer_falls_back_to_splitting(tmp_path, agent, mo
         assert parts.fallback and parts == split_report(REPORTS[0], 10), answer
 
 
-def test_clean_report_prompt_too_long_for_the_context_falls_back(agent):
-    report = " ".join(REPORTS * 150)  # far beyond n_ctx 2048
-    parts = clean_report(agent, None, report, 50)
+SMALL_CTX = {"n_ctx": 1024, "max_tokens": 48}  # a few chunks of a long report, quickly
+LONG_REPORT = " ".join(f"Block {i}: " + REPORTS[i % 2] for i in range(60))  # about 1900 words
+
+
+@pytest.fixture(scope="module")
+def small_agent(llm_cfg) -> LlamaCppAgent:
+    return make_llm_agent({**llm_cfg, **SMALL_CTX}, threads=1)
+
+
+def chunk_of(prompt: str) -> str:
+    """The report chunk in a prompt made from DEFAULT_CLEAN_PROMPT."""
+    return prompt.rsplit("Report: ", 1)[1]
+
+
+def real_model_then(monkeypatch, target, answer) -> list:
+    """Make `target.chat` run the real model on each prompt (llama.cpp refuses one that does not fit
+    its context) for one token, then answer `answer(prompt, schema)`; return the prompts asked."""
+    prompts = []
+    original = target.chat
+    bound = not isinstance(target, type)
+
+    def chat(*args, schema=None):
+        prompt = args[0] if bound else args[1]
+        prompts.append(prompt)
+        original(*args[:-1], 1, schema=schema)  # raises ValueError when the prompt exceeds n_ctx
+        return answer(prompt, schema)
+
+    monkeypatch.setattr(target, "chat", chat)
+    return prompts
+
+
+def findings_of(prompt: str, schema=None) -> str:
+    """A usable answer naming its chunk: the chunk's first eight words."""
+    if schema is not None and "attributes" in schema["properties"]:
+        return json.dumps({"attributes": ["nuclear atypia", "necrosis", "gland formation"]})
+    return json.dumps({"findings": [" ".join(chunk_of(prompt).split()[:8])]})
+
+
+def test_report_chunks_fit_the_context_at_sentence_boundaries(small_agent):
+    chunks = report_chunks(small_agent, LONG_REPORT, 50)
+    assert len(chunks) >= 3
+    assert " ".join(chunks) == normalize_whitespace(LONG_REPORT)
+    assert [s for chunk in chunks for s in split_sentences(chunk)] == split_sentences(LONG_REPORT)
+    budget = SMALL_CTX["n_ctx"] - SMALL_CTX["max_tokens"] - CHAT_OVERHEAD_TOKENS
+    assert prompt_budget(small_agent) == budget
+    for chunk in chunks:
+        prompt = fill_template(DEFAULT_CLEAN_PROMPT, {"report": chunk, "max_words": "50"})
+        n = len(small_agent.llm.tokenize(prompt.encode(), add_bos=True, special=False))
+        assert n <= budget + 1, (n, budget)  # + the BOS counted here
+    # not too small either: each chunk but the last is refused one more sentence
+    for chunk, following in zip(chunks, chunks[1:]):
+        grown = chunk + " " + split_sentences(following)[0]
+        prompt = fill_template(DEFAULT_CLEAN_PROMPT, {"report": grown, "max_words": "50"})
+        assert token_counter(small_agent)(prompt) > budget - 2 * len(split_sentences(grown))
+    assert report_chunks(small_agent, REPORTS[0], 50) == [normalize_whitespace(REPORTS[0])]  # fits: as before
+
+
+def test_report_chunks_cut_an_overlong_sentence_between_words(small_agent):
+    sentence = " ".join(f"cell{i}" for i in range(600)) + "."  # one sentence, far beyond the context
+    chunks = report_chunks(small_agent, "Short start. " + sentence, 50)
+    assert len(chunks) >= 2 and chunks[0].startswith("Short start. cell0")
+    assert " ".join(chunks) == normalize_whitespace("Short start. " + sentence)
+    budget = prompt_budget(small_agent)
+    count = token_counter(small_agent)
+    assert all(count(fill_template(DEFAULT_CLEAN_PROMPT, {"report": c, "max_words": "50"})) <= budget for c in chunks)
+
+
+def test_report_chunks_without_a_tokenizer_use_the_estimate():
+    fake = SimpleNamespace(settings={"n_ctx": 600, "max_tokens": 64})  # no .llm: no tokenizer
+    assert token_counter(fake) is estimate_tokens
+    assert estimate_tokens("abcd") == 2 and estimate_tokens("2024") == 4 and estimate_tokens("µm") == 3
+    chunks = report_chunks(fake, LONG_REPORT, 50, template="Clean: {report}")
+    budget = 600 - 64 - CHAT_OVERHEAD_TOKENS
+    assert len(chunks) > 1 and " ".join(chunks) == normalize_whitespace(LONG_REPORT)
+    assert all(estimate_tokens("Clean: " + c) <= budget for c in chunks)
+    assert report_chunks(SimpleNamespace(settings={}), LONG_REPORT, 50) == [normalize_whitespace(LONG_REPORT)]
+
+
+def test_clean_report_long_report_in_chunks_uses_the_llm(tmp_path, small_agent, monkeypatch):
+    prompts = real_model_then(monkeypatch, small_agent, findings_of)
+    chunks = report_chunks(small_agent, LONG_REPORT, 50)
+    with ItemCache(tmp_path, CACHE_AGENT, small_agent.fingerprint) as cache:
+        parts = clean_report(small_agent, cache, LONG_REPORT, 50)
+        assert cache.stats.misses == len(chunks) and cache.stats.puts == len(chunks)  # one item per chunk prompt
+    assert not parts.fallback and parts.reason is None and parts.item_fallback == [False] * len(parts)
+    assert parts.chunks == chunks and [chunk_of(p) for p in prompts] == chunks
+    assert parts == [" ".join(chunk.split()[:8]) for chunk in chunks]  # the findings, in report order
+    with ItemCache(tmp_path, CACHE_AGENT, small_agent.fingerprint) as cache:
+        assert clean_report(small_agent, cache, LONG_REPORT, 50) == parts
+        assert cache.stats.hits == len(chunks) and len(prompts) == len(chunks)  # all from the cache
+
+
+def test_clean_report_falls_back_per_chunk(small_agent, monkeypatch):
+    chunks = report_chunks(small_agent, LONG_REPORT, 50)
+    bad = chunk_of(fill_template(DEFAULT_CLEAN_PROMPT, {"report": chunks[1], "max_words": "50"}))
+    real_model_then(monkeypatch, small_agent,
+                    lambda prompt, schema: "not json" if chunk_of(prompt) == bad else findings_of(prompt))
+    parts = clean_report(small_agent, None, LONG_REPORT, 50)
+    plain = split_report(chunks[1], 50)
+    assert parts == [" ".join(chunks[0].split()[:8]), *plain, *(" ".join(c.split()[:8]) for c in chunks[2:])]
+    assert parts.item_fallback == [False] + [True] * len(plain) + [False] * (len(chunks) - 2)
+    assert parts.fallback and parts.reason.startswith(f"chunk 2/{len(chunks)}: the answer is not a JSON object")
+    monkeypatch.setattr(small_agent, "chat", lambda *a, **k: "not json")  # no chunk usable: the plain output
+    parts = clean_report(small_agent, None, LONG_REPORT, 50)
+    assert parts.fallback and parts == split_report(LONG_REPORT, 50) and all(parts.item_fallback)
+
+
+def test_clean_report_falls_back_when_no_chunk_fits(agent):
+    template = "word " * 2500 + "Report: {report}"  # the template alone is beyond n_ctx 2048
+    assert report_chunks(agent, LONG_REPORT, 50, template=template) == [normalize_whitespace(LONG_REPORT)]
+    parts = clean_report(agent, None, LONG_REPORT, 50, template=template)
     assert parts.fallback and "could not answer" in parts.reason
-    assert parts == split_report(report, 50)
+    assert parts == split_report(LONG_REPORT, 50)
+
+
+def test_build_prompts_long_report_rows_come_from_the_llm(tmp_path, llm_cfg, small_agent, monkeypatch):
+    report = tmp_path / "long.txt"
+    report.write_bytes(LONG_REPORT.replace("3.2 cm", "3.2 cm (5 µm sections)").encode("cp1252"))
+    prompts = real_model_then(monkeypatch, LlamaCppAgent, findings_of)
+    params = {**PARAMS, "llm": {**llm_cfg, **SMALL_CTX, "n_attributes": 3}}
+    frame = build_prompts("S4", "lung", "TCGA-LUAD", str(report), params, threads=1)
+    reports = frame.filter(pl.col("kind") == "report")
+    chunks = report_chunks(small_agent, report.read_bytes().decode("cp1252"), 50)
+    assert len(chunks) >= 3 and len(prompts) == len(chunks) + 1  # the chunks, then the attributes
+    assert reports["text"].to_list() == [" ".join(c.split()[:8]) for c in chunks]
+    tag = f"llm:{small_agent.fingerprint[:12]}"
+    assert set(reports["source"]) == {f"{tag}:report:long.txt;encoding=cp1252"}
+    assert set(frame.filter(pl.col("kind") == "attribute")["source"]) == {f"{tag}:attributes"}
 
 
 def test_llm_attributes_from_the_tiny_model(agent, table):
@@ -687,7 +954,7 @@ def expected_frame_without_llm(slide_id, tissue, project, report_path, max_words
     table = load_attribute_table()
     rows = []
     if report_path:
-        for i, part in enumerate(split_report(read_report(report_path, slide_id), max_words)):
+        for i, part in enumerate(split_report(read_report(report_path, slide_id).text, max_words)):
             rows.append((slide_id, "report", i, part, Path(report_path).name))
     site = resolve_site(table, tissue, project)
     for i, prompt in enumerate(attribute_prompts(table, tissue, project, DEFAULT_TEMPLATE)):

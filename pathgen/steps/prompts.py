@@ -18,22 +18,43 @@ answers constrained to a JSON schema), as the paper does with GPT-4:
 * `llm_attributes` asks for `n_attributes` attributes of the tissue (Figure
   18, left), rendered into the same attribute template as the table's.
 
-Answers are cached per prompt text (so per report and per tissue/project).
-An unusable answer falls back to plain splitting / the static table, and the
-row's `source` says so. Without `prompts.llm` the output is that of the
-table and the splitter alone.
+A report longer than the model's context (`prompts.llm.n_ctx`, less the
+answer's `max_tokens`) is cut at sentence boundaries into chunks whose prompt
+fits, counted with the model's own tokenizer; each chunk is cleaned and the
+findings concatenated in order. Answers are cached per prompt text (so per
+report chunk and per tissue/project). An unusable answer falls back to plain
+splitting (of that chunk) / the static table, and the row's `source` says so.
+Without `prompts.llm` the output is that of the table and the splitter alone.
+
+Report files as a TCGA-scale cohort has them (`read_report`):
+
+* UTF-8 (a BOM dropped), else UTF-16 with its BOM, else the code page
+  charset-normalizer reads the bytes in, cp1252 preferred where it reads them
+  as well (`guess_encoding`); a report that is not UTF-8 gets
+  ";encoding=<codec>" after its rows' source, e.g. "r.txt;encoding=cp1252";
+* an empty or whitespace-only file is no report: no report rows, and the
+  attribute rows' source ends in ";no-report=empty:<file name>" (a warning
+  names the slide and the file);
+* a missing file, a directory, an unreadable file, a binary one (NUL bytes,
+  not UTF-16) or bytes no encoding explains raise ReportError, one line
+  naming the slide and the file.
+
+The table's columns stay PROMPT_SCHEMA's; `source_notes` splits a source
+into its origin and these notes.
 
 Output: one row per prompt, report rows first, then attribute rows.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
 import re
 import string
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +66,7 @@ from pathgen.store.cache import ItemCache
 from pathgen.store.io import write_parquet
 from pathgen.text.attributes import GENERIC, AttributeTable, load_attribute_table, resolve_site
 from pathgen.text.hygiene import clean_generated_text
-from pathgen.text.sentences import DEFAULT_MAX_WORDS, normalize_whitespace, split_report
+from pathgen.text.sentences import DEFAULT_MAX_WORDS, normalize_whitespace, split_report, split_sentences
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +157,92 @@ def render_attributes(
 # report splitting
 
 
-def read_report(path: str | os.PathLike, slide_id: str) -> str:
-    """The text of a slide's report file.
+# Code pages the charset guess never picks: UTF-16/32 are read only with their byte-order mark
+# (without one, ASCII text in them has NUL bytes and is refused as binary), and EBCDIC, which
+# charset-normalizer reports for short Latin texts though no report is written in it.
+GUESS_EXCLUDED = ["utf_16", "utf_16_le", "utf_16_be", "utf_32", "utf_32_le", "utf_32_be", "utf_7",
+                  "cp037", "cp273", "cp424", "cp500", "cp875", "cp1026", "cp1140"]
+# The code page a report that is not UTF-8 most often is: Windows Western, whose text characters
+# include all of latin-1's ("µ", "°", "é", "±", "×", "½", curly quotes).
+WESTERN = "cp1252"
+# A letter, one of the symbols cp1252 puts where cp1250/cp1257 have letters ("j¹dra", "d³o"), a
+# letter: a Central European report read as cp1252.
+_MISREAD_WESTERN = re.compile(r"[^\W\d_][\u00a1-\u00b4\u00b6-\u00bf][^\W\d_]")
+# What a source may carry after its origin: ";encoding=<codec>" on report rows of a report that is
+# not UTF-8, ";no-report=<reason>:<file name>" on attribute rows of a slide whose report file gives none.
+_SOURCE_NOTE = re.compile(r";(encoding|no-report)=([^;]*)$")
 
-    Raises ReportError naming the file and the slide when it is missing,
-    not a UTF-8 text file, or empty/whitespace-only. A leading BOM is dropped.
+
+@dataclass(frozen=True)
+class Report:
+    """A slide's report file as read: its text, the codec it was decoded with, and whether it counts.
+
+    `encoding` is a Python codec name ("utf-8", "utf-16-le", "cp1252", ...). `reason` is None for a
+    report, or why the file gives none: "empty" (nothing but whitespace, after any BOM).
+    """
+
+    text: str
+    encoding: str
+    reason: str | None = None
+
+
+def guess_encoding(data: bytes) -> str | None:
+    """The codec that reads `data` (not UTF-8, no NUL byte) as text, or None when none does.
+
+    charset-normalizer judges each candidate code page by how much of a mess its reading is. cp1252 wins
+    when its reading is no more of a mess than the library's best guess and shows no Central European
+    letter read as a symbol; otherwise the best guess does. Without this preference a cp1252 report
+    comes back named "cp1250" (the same reading: the library does not prefer among code pages that
+    read the bytes alike) or, when short, read as Big5 (on a tie it prefers multi-byte code pages).
+    Known limit: a cp1250 report whose bytes read as plausible cp1252 letters (Czech) is read as
+    cp1252; the recorded codec lets such slides be found. Deterministic for a given charset-normalizer
+    version (pinned).
+    """
+    import charset_normalizer
+
+    best = charset_normalizer.from_bytes(data, cp_exclusion=GUESS_EXCLUDED).best()
+    western = charset_normalizer.from_bytes(data, cp_isolation=[WESTERN]).best()
+    if western is not None and (best is None or western.chaos <= best.chaos + 0.005):
+        if best is None or not _MISREAD_WESTERN.search(str(western)) or _MISREAD_WESTERN.search(str(best)):
+            return WESTERN
+    return codecs.lookup(best.encoding).name if best is not None else None
+
+
+def decode_report(data: bytes) -> tuple[str, str]:
+    """(text, codec) of a report file's bytes; ValueError saying why they are not text.
+
+    UTF-8 first (a BOM dropped); else UTF-16 with its BOM; else, unless there is a NUL byte (binary),
+    the guess of `guess_encoding`.
+    """
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff"), "utf-8"
+    except UnicodeDecodeError as exc:
+        not_utf8 = f"is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+    for bom, codec in ((codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be")):
+        if data.startswith(bom):
+            try:
+                return data[len(bom):].decode(codec), codec
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"starts with a {codec.upper()} byte-order mark but is not valid {codec.upper()} "
+                                 f"({exc.reason} at offset {exc.start + len(bom)})") from None
+    if b"\x00" in data:
+        raise ValueError("contains NUL bytes: a binary file, not a text report")
+    codec = guess_encoding(data)
+    if codec is None:
+        raise ValueError(f"{not_utf8} and no text encoding explains its bytes")
+    try:
+        return data.decode(codec), codec
+    except UnicodeDecodeError:
+        raise ValueError(f"{not_utf8} and no text encoding explains its bytes") from None
+
+
+def read_report(path: str | os.PathLike, slide_id: str) -> Report:
+    """A slide's report file, decoded (`decode_report`).
+
+    Raises ReportError, one line naming the file and the slide, when it is missing, a directory,
+    unreadable, binary (NUL bytes that are not UTF-16) or bytes no text encoding explains. A file
+    that is empty or whitespace-only is no report: `reason` "empty", logged as a warning. A text
+    that is not UTF-8 is logged with its codec.
     """
     shown = os.fspath(path)
     culprit = f"report {shown} for slide {slide_id}"
@@ -153,17 +255,35 @@ def read_report(path: str | os.PathLike, slide_id: str) -> str:
     except OSError as exc:
         raise ReportError(f"{culprit} cannot be read: {exc.strerror or exc}") from None
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ReportError(
-            f"{culprit} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
-        ) from None
-    text = text.removeprefix("\ufeff")
+        text, encoding = decode_report(data)
+    except ValueError as exc:
+        raise ReportError(f"{culprit} {exc}") from None
     if "\x00" in text:
         raise ReportError(f"{culprit} contains NUL bytes: a binary file, not a text report")
     if not text.strip():
-        raise ReportError(f"{culprit} is empty")
-    return text
+        log.warning("prompts %s: report %s is empty or whitespace only: no report prompts, attribute prompts only",
+                    slide_id, shown)
+        return Report(text, encoding, "empty")
+    if encoding.startswith("utf-16"):
+        log.info("prompts %s: report %s is %s (byte-order mark)", slide_id, shown, encoding)
+    elif encoding != "utf-8":
+        log.warning("prompts %s: report %s is not UTF-8: read as %s (charset-normalizer's reading)", slide_id,
+                    shown, encoding)
+    return Report(text, encoding)
+
+
+def with_notes(source: str, **notes: str) -> str:
+    """`source` with ";key=value" notes appended (keys with "_" written "-")."""
+    return source + "".join(f";{key.replace('_', '-')}={value}" for key, value in notes.items())
+
+
+def source_notes(source: str) -> tuple[str, dict[str, str]]:
+    """(origin, notes) of a prompts row's source: "r.txt;encoding=cp1252" -> ("r.txt", {"encoding": "cp1252"})."""
+    notes: dict[str, str] = {}
+    while (match := _SOURCE_NOTE.search(source)) is not None:
+        notes[match.group(1)] = match.group(2)
+        source = source[:match.start()]
+    return source, dict(reversed(notes.items()))
 
 
 # --------------------------------------------------------------------------
@@ -191,6 +311,9 @@ DEFAULT_ATTRIBUTES_PROMPT = (
     "pathological features or attributes that might appear in this type of whole slide image."
 )
 DEFAULT_LLM_MAX_TOKENS = 512
+# Context tokens a chat prompt takes besides the user's text: BOS and the chat template's role
+# markers (about 10 for Llama-2 and ChatML; templates with a default system prompt take more).
+CHAT_OVERHEAD_TOKENS = 64
 # An attribute is a short phrase (the table's have <= 8 words); a longer one would
 # push the rendered prompt past CLIP's 77 tokens, so it is dropped as unusable.
 MAX_ATTRIBUTE_WORDS = 16
@@ -218,15 +341,20 @@ _LIST_BULLET = re.compile(r"^(?:[-*\u2022]+|\(?\d{1,3}[.):])\s+")
 class Generated(list):
     """A list of strings and how it was made.
 
-    `fallback` is True when the LLM's answer was unusable and the plain
-    splitter or the static table made the list instead; `reason` says why.
-    Compares equal to a plain list with the same items.
+    `fallback` is True when an LLM answer was unusable and the plain splitter
+    or the static table made (some of) the list instead; `reason` says why.
+    `item_fallback` says it per item (a report cleaned in chunks can be part
+    LLM, part splitter); `chunks` are the report chunks `clean_report` asked
+    about, one prompt each. Compares equal to a plain list with the same items.
     """
 
-    def __init__(self, items: Iterable[str] = (), fallback: bool = False, reason: str | None = None):
+    def __init__(self, items: Iterable[str] = (), fallback: bool = False, reason: str | None = None,
+                 item_fallback: Iterable[bool] | None = None, chunks: Iterable[str] = ()):
         super().__init__(items)
         self.fallback = fallback
         self.reason = reason
+        self.item_fallback = list(item_fallback) if item_fallback is not None else [fallback] * len(self)
+        self.chunks = list(chunks)
 
 
 def fill_template(template: str, values: dict[str, str]) -> str:
@@ -284,6 +412,97 @@ def _usable_strings(items: list[Any]) -> list[str]:
     return [text for item in items if isinstance(item, str) and (text := clean_generated_text(item))]
 
 
+def estimate_tokens(text: str) -> int:
+    """A conservative token count for a backend without a tokenizer: one per ASCII digit and per
+    non-ASCII UTF-8 byte, one per two other characters (English is about four per token)."""
+    digits = sum(ch in "0123456789" for ch in text)
+    ascii_other = sum(ch.isascii() for ch in text) - digits
+    return digits + (len(text.encode("utf-8")) - digits - ascii_other) + (ascii_other + 1) // 2
+
+
+def token_counter(agent: Any) -> Callable[[str], int]:
+    """How `agent` counts a text's tokens: its llama.cpp tokenizer (no BOS), else `estimate_tokens`."""
+    tokenize = getattr(getattr(agent, "llm", None), "tokenize", None)
+    if callable(tokenize):
+        return lambda text: len(tokenize(text.encode("utf-8"), add_bos=False, special=False))
+    return estimate_tokens
+
+
+def prompt_budget(agent: Any) -> int | None:
+    """The tokens a prompt may take: n_ctx less the answer's max_tokens and CHAT_OVERHEAD_TOKENS; None if unknown."""
+    settings = getattr(agent, "settings", None) or {}
+    n_ctx = settings.get("n_ctx")
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int):
+        return None
+    return n_ctx - settings.get("max_tokens", DEFAULT_LLM_MAX_TOKENS) - CHAT_OVERHEAD_TOKENS
+
+
+def _fit_words(sentence: str, count: Callable[[str], int], room: int) -> list[str]:
+    """A sentence too long for `room` tokens cut between words into pieces that fit (a lone word that
+    does not fit is a piece of its own)."""
+    pieces: list[str] = []
+    current: list[str] = []
+    used = 0
+    for word in sentence.split():
+        n = count(word) + 1  # + a joining space
+        if current and used + n > room:
+            pieces.append(" ".join(current))
+            current, used = [], 0
+        current.append(word)
+        used += n
+    if current:
+        pieces.append(" ".join(current))
+    return pieces
+
+
+def report_chunks(agent: Any, report_text: str, max_words: int = DEFAULT_MAX_WORDS, *,
+                  template: str = DEFAULT_CLEAN_PROMPT) -> list[str]:
+    """The report, whitespace collapsed, in chunks whose cleaning prompt fits the agent's context.
+
+    One chunk, the whole report, when its prompt takes at most `prompt_budget(agent)` tokens (or the
+    budget is unknown) -- so a report that fits is asked about as before. Otherwise whole sentences
+    (`split_sentences`) are packed greedily, a sentence too long on its own cut between words, and
+    each chunk's filled prompt is checked with the agent's token count, moving sentences on to the
+    next chunk until it fits. " ".join(chunks) is the collapsed report. When the template alone
+    leaves no room, the one chunk is the whole report (which the model then cannot answer).
+    """
+    text = normalize_whitespace(report_text)
+    budget = prompt_budget(agent)
+    count = token_counter(agent)
+
+    def prompt_tokens(chunk: str) -> int:
+        return count(fill_template(template, {"report": chunk, "max_words": str(max_words)}))
+
+    if budget is None or prompt_tokens(text) <= budget:
+        return [text]
+    room = budget - prompt_tokens("")
+    if room < 1:
+        return [text]
+    pieces: list[tuple[str, int]] = []
+    for sentence in split_sentences(text):
+        for piece in ([sentence] if count(sentence) + 1 <= room else _fit_words(sentence, count, room)):
+            pieces.append((piece, count(piece) + 1))
+    packed: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for piece, n in pieces:
+        if current and used + n > room:
+            packed.append(current)
+            current, used = [], 0
+        current.append(piece)
+        used += n
+    if current:
+        packed.append(current)
+    chunks: list[str] = []
+    for i, chunk in enumerate(packed):  # the sum of piece counts is an estimate: check the whole prompt
+        while len(chunk) > 1 and prompt_tokens(" ".join(chunk)) > budget:
+            if i + 1 == len(packed):
+                packed.append([])
+            packed[i + 1].insert(0, chunk.pop())
+        chunks.append(" ".join(chunk))
+    return chunks
+
+
 def clean_report(
     agent: LlamaCppAgent,
     cache: ItemCache | None,
@@ -294,21 +513,39 @@ def clean_report(
 ) -> Generated:
     """The report's microscopic findings, per the LLM, in parts of at most `max_words` words.
 
-    The prompt is `template` with {report} (the report, whitespace collapsed)
-    and {max_words}; the answer is constrained to FINDINGS_SCHEMA and cached
-    under the prompt text (`cache` None: no caching). Each usable finding is
-    cut by `split_report`. When the answer is unusable (not that JSON, no
-    non-empty finding, prompt too long for the context) the result is
-    `split_report(report_text, max_words)` with `fallback` set.
+    The report is cut by `report_chunks` into chunks whose prompt fits the
+    context (one chunk, the whole report, when it fits). Each chunk's prompt
+    is `template` with {report} (the chunk) and {max_words}; the answer is
+    constrained to FINDINGS_SCHEMA and cached under the prompt text (`cache`
+    None: no caching). Each usable finding is cut by `split_report`; the
+    findings of the chunks are concatenated in order. A chunk whose answer is
+    unusable (not that JSON, no non-empty finding, prompt too long for the
+    context) gives `split_report(chunk, max_words)` instead, and `fallback`
+    is set; when no chunk was usable the result is `split_report(report_text,
+    max_words)`, the output without an LLM.
     """
-    prompt = fill_template(template, {"report": normalize_whitespace(report_text), "max_words": str(max_words)})
-    raw, reason = _ask_list(agent, cache, prompt, FINDINGS_SCHEMA, "findings")
-    if raw is not None:
-        findings = _usable_strings(raw)
-        if findings:
-            return Generated(part for finding in findings for part in split_report(finding, max_words))
-        reason = f"no usable finding among {len(raw)} item(s)"
-    return Generated(split_report(report_text, max_words), fallback=True, reason=reason)
+    chunks = report_chunks(agent, report_text, max_words, template=template)
+    parts: list[str] = []
+    flags: list[bool] = []
+    reasons: list[str] = []
+    for i, chunk in enumerate(chunks):
+        prompt = fill_template(template, {"report": chunk, "max_words": str(max_words)})
+        raw, reason = _ask_list(agent, cache, prompt, FINDINGS_SCHEMA, "findings")
+        got: list[str] = []
+        if raw is not None:
+            findings = _usable_strings(raw)
+            got = [part for finding in findings for part in split_report(finding, max_words)]
+            reason = None if got else f"no usable finding among {len(raw)} item(s)"
+        if reason is not None:
+            got = split_report(chunk, max_words)
+            reasons.append(reason if len(chunks) == 1 else f"chunk {i + 1}/{len(chunks)}: {reason}")
+        parts.extend(got)
+        flags.extend([reason is not None] * len(got))
+    if reasons and len(reasons) == len(chunks):
+        return Generated(split_report(report_text, max_words), fallback=True, reason="; ".join(reasons),
+                         chunks=chunks)
+    return Generated(parts, fallback=bool(reasons), reason="; ".join(reasons) or None, item_fallback=flags,
+                     chunks=chunks)
 
 
 def _clean_attribute(item: Any) -> str:
@@ -438,25 +675,40 @@ def build_prompts(
     `cache_dir` (None: not cached; `threads`: llama.cpp CPU threads); sources
     are "llm:<fingerprint[:12]>:report:<file name>" and
     "llm:<fingerprint[:12]>:attributes", or "llm-fallback:report:<file name>"
-    and "llm-fallback:table:<site>" where the answer was unusable.
+    and "llm-fallback:table:<site>" where the answer was unusable (per report
+    chunk, so per row).
+
+    Notes after a source (`source_notes` reads them back): report rows of a
+    report that is not UTF-8 end in ";encoding=<codec>" (e.g.
+    "r.txt;encoding=cp1252"); when the report file is empty or whitespace
+    only there are no report rows and the attribute rows end in
+    ";no-report=empty:<file name>" (e.g. "table:lung;no-report=empty:r.txt").
+    A UTF-8 report, or no report_path, adds no note.
     """
     cfg = prompt_params(params)
     llm = cfg["llm"]
     rows: list[tuple[str, str, int, str, str]] = []
 
     report_text = None
+    report_note = attribute_note = ""
     if report_path is not None and os.fspath(report_path) != "":
-        report_text = read_report(report_path, slide_id)
+        report = read_report(report_path, slide_id)
         name = Path(report_path).name
+        if report.reason is not None:
+            attribute_note = with_notes("", no_report=f"{report.reason}:{name}")
+        else:
+            report_text = report.text
+            report_note = with_notes("", encoding=report.encoding) if report.encoding != "utf-8" else ""
     table = load_attribute_table(cfg["attribute_table"])
     site = resolve_site(table, tissue, project)
     label = tissue_label(table, tissue, project)
 
     report_parts: list[str] = []
-    report_source = ""
+    report_sources: list[str] = []
     if llm is None:
         if report_text is not None:
-            report_parts, report_source = split_report(report_text, cfg["report_max_words"]), name
+            report_parts = split_report(report_text, cfg["report_max_words"])
+            report_sources = [name + report_note] * len(report_parts)
         attributes, attribute_source = list(table.attributes(site)), f"table:{site}"
     else:
         agent = make_llm_agent(llm, threads)
@@ -466,10 +718,14 @@ def build_prompts(
             if report_text is not None:
                 report_parts = clean_report(agent, cache, report_text, cfg["report_max_words"],
                                             template=llm["clean_prompt"])
+                if len(report_parts.chunks) > 1:
+                    log.info("prompts %s: report %s cleaned in %d chunks that fit n_ctx %d", slide_id, name,
+                             len(report_parts.chunks), llm["n_ctx"])
                 if report_parts.fallback:
                     log.warning("prompts %s: report %s split without the LLM: %s", slide_id, name,
                                 report_parts.reason)
-                report_source = f"llm-fallback:report:{name}" if report_parts.fallback else f"{tag}:report:{name}"
+                report_sources = [(f"llm-fallback:report:{name}" if fell_back else f"{tag}:report:{name}") + report_note
+                                  for fell_back in report_parts.item_fallback]
             attributes = llm_attributes(agent, cache, label, project, llm["n_attributes"],
                                         template=llm["attributes_prompt"], table=table)
             if attributes.fallback:
@@ -480,10 +736,10 @@ def build_prompts(
                 cache.close()
                 log.info("prompts %s: cache %s", slide_id, cache.stats.as_dict())
 
-    for i, part in enumerate(report_parts):
-        rows.append((slide_id, "report", i, part, report_source))
+    for i, (part, source) in enumerate(zip(report_parts, report_sources, strict=True)):
+        rows.append((slide_id, "report", i, part, source))
     for i, prompt in enumerate(render_attributes(attributes, label, project, cfg["attribute_template"])):
-        rows.append((slide_id, "attribute", i, prompt, attribute_source))
+        rows.append((slide_id, "attribute", i, prompt, attribute_source + attribute_note))
 
     return pl.DataFrame(rows, schema=PROMPT_SCHEMA, orient="row")
 
