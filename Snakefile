@@ -32,3 +32,11 @@ rule all:
         "data/dataset/manifest.parquet",
         "data/report/samples.html",
         "data/report/plots.html",
+
+
+onsuccess:
+    on_success(SLIDE_IDS)
+
+
+onerror:
+    on_error(workflow, SHARDS, SLIDE_IDS)

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pathgen.config import load_params, parse_step_params, step_params
-from pathgen.errors import PathgenError
+from pathgen.errors import PathgenError, ReportError, SlideError
 
 log = logging.getLogger("pathgen")
+# Input errors of one slide: with on_slide_error quarantine they quarantine the slide, not fail the job.
+SLIDE_INPUT_ERRORS = (SlideError, ReportError)
 
 
 def _params(args: argparse.Namespace, step: str) -> dict[str, Any]:
@@ -31,51 +33,107 @@ def _mpp(text: str | None) -> float | None:
     return float(text) if text not in (None, "", "None") else None
 
 
+def _slide_step(args: argparse.Namespace, run: Callable[[], None], write_empty: Callable[[str], None]) -> None:
+    """Run one slide step under its status record (pathgen.store.status).
+
+    A quarantine recorded by an earlier step (`--after`) is passed on: the step writes its empty outputs
+    without touching the slide. A slide input error quarantines the slide under `--on-slide-error
+    quarantine` (empty outputs, the record, exit 0) and fails the step under `fail`.
+    """
+    from pathgen.store import status
+
+    step = args.command
+    upstream = status.upstream_quarantine(args.after)
+    if upstream is not None:
+        write_empty(upstream["reason"])
+        if args.status:
+            status.write_status(upstream, args.status)
+        log.warning("%s %s: skipped, the slide was quarantined at %s", step, args.slide_id, upstream["step"])
+        return
+    try:
+        run()
+    except SLIDE_INPUT_ERRORS as exc:
+        if args.on_slide_error != "quarantine" or not args.status:
+            raise
+        write_empty(str(exc))
+        status.write_status(status.record(args.slide_id, step, str(exc)), args.status)
+        _error_line(f"pathgen {step}: quarantined: {exc}")
+        return
+    if args.status:
+        status.write_status(status.record(args.slide_id, step), args.status)
+
+
 def cmd_tile(args: argparse.Namespace) -> None:
-    from pathgen.steps.tile import run_tile
+    from pathgen.steps.tile import run_tile, write_quarantined_tile
 
     params = _params(args, "tile")["tile"]
-    grid = run_tile(args.wsi, args.slide_id, params, args.grid, args.thumbnail, args.info, _mpp(args.mpp))
-    log.info("tile %s: %d patches", args.slide_id, grid.height)
+
+    def run() -> None:
+        grid = run_tile(args.wsi, args.slide_id, params, args.grid, args.thumbnail, args.info, _mpp(args.mpp))
+        log.info("tile %s: %d patches", args.slide_id, grid.height)
+        if grid.height == 0:
+            log.warning("tile %s: no tissue patches: the slide gives no pairs", args.slide_id)
+
+    _slide_step(args, run, lambda reason: write_quarantined_tile(args.slide_id, reason, args.grid, args.thumbnail,
+                                                                 args.info))
 
 
 def cmd_embed(args: argparse.Namespace) -> None:
-    from pathgen.steps.embed import run_embed
+    from pathgen.steps.embed import run_embed, write_quarantined_embeddings
 
     params = _params(args, "embed")
-    features = run_embed(args.wsi, args.slide_id, args.grid, params["clip"], params["embed"], args.out,
-                         _mpp(args.mpp), threads=args.threads, progress=not args.no_progress)
-    log.info("embed %s: %d patches x %d dims", args.slide_id, *features.shape)
+
+    def run() -> None:
+        features = run_embed(args.wsi, args.slide_id, args.grid, params["clip"], params["embed"], args.out,
+                             _mpp(args.mpp), threads=args.threads, progress=not args.no_progress)
+        log.info("embed %s: %d patches x %d dims", args.slide_id, *features.shape)
+
+    _slide_step(args, run, lambda reason: write_quarantined_embeddings(args.slide_id, reason, args.out))
 
 
 def cmd_prompts(args: argparse.Namespace) -> None:
-    from pathgen.steps.prompts import build_prompts, write_prompts
+    import polars as pl
+
+    from pathgen.steps.prompts import PROMPT_SCHEMA, build_prompts, write_prompts
 
     params = _params(args, "prompts")["prompts"]
-    frame = build_prompts(args.slide_id, args.tissue, args.project or None, args.report or None, params,
-                          cache_dir=args.cache_dir, flush_every=args.flush_every)
-    write_prompts(frame, args.out)
-    log.info("prompts %s: %d prompts", args.slide_id, frame.height)
+
+    def run() -> None:
+        frame = build_prompts(args.slide_id, args.tissue, args.project or None, args.report or None, params,
+                              cache_dir=args.cache_dir, flush_every=args.flush_every)
+        write_prompts(frame, args.out)
+        log.info("prompts %s: %d prompts", args.slide_id, frame.height)
+
+    _slide_step(args, run, lambda reason: write_prompts(pl.DataFrame(schema=PROMPT_SCHEMA), args.out))
 
 
 def cmd_select(args: argparse.Namespace) -> None:
     import json
 
-    from pathgen.steps.select import run_select
+    from pathgen.steps.select import run_select, write_quarantined_selection
 
     params = _params(args, "select")
-    info = json.loads(Path(args.info).read_text())
-    selection = run_select(args.slide_id, args.embeddings, args.prompts, args.thumbnail, info, params,
-                           args.out, args.overlay)
-    log.info("select %s: %d candidates, %d kept", args.slide_id, selection.height, int(selection["kept"].sum()))
+
+    def run() -> None:
+        info = json.loads(Path(args.info).read_text())
+        selection = run_select(args.slide_id, args.embeddings, args.prompts, args.thumbnail, info, params,
+                               args.out, args.overlay)
+        log.info("select %s: %d candidates, %d kept", args.slide_id, selection.height,
+                 int(selection["kept"].sum()))
+
+    _slide_step(args, run, lambda reason: write_quarantined_selection(args.out, args.overlay))
 
 
 def cmd_patches(args: argparse.Namespace) -> None:
-    from pathgen.steps.patches import run_patches
+    from pathgen.steps.patches import run_patches, write_quarantined_patches
 
-    count = run_patches(args.wsi, args.slide_id, args.selection, _params(args, "patches")["patches"], args.out,
-                        _mpp(args.mpp))
-    log.info("patches %s: %d patches", args.slide_id, count)
+    params = _params(args, "patches")["patches"]
+
+    def run() -> None:
+        count = run_patches(args.wsi, args.slide_id, args.selection, params, args.out, _mpp(args.mpp))
+        log.info("patches %s: %d patches", args.slide_id, count)
+
+    _slide_step(args, run, lambda reason: write_quarantined_patches(args.out))
 
 
 def _write_stats(args: argparse.Namespace, step: str, stats: dict[str, int]) -> None:
@@ -138,7 +196,13 @@ def cmd_assemble_shard(args: argparse.Namespace) -> None:
 def cmd_assemble(args: argparse.Namespace) -> None:
     from pathgen.steps.assemble import assemble_dataset
 
-    metrics = assemble_dataset(args.out_dir, args.shards)
+    incomplete = {}
+    for item in args.incomplete:
+        shard, sep, why = item.partition("=")
+        if not sep or not why.strip():
+            raise PathgenError(f"--incomplete {item!r}: expected SHARD=REASON")
+        incomplete[shard] = why.strip()
+    metrics = assemble_dataset(args.out_dir, args.shards, incomplete)
     log.info("assemble: %s", " ".join(f"{k}={v}" for k, v in sorted(metrics.items())))
 
 
@@ -187,12 +251,31 @@ def cmd_models(args: argparse.Namespace) -> None:
         print(f"{name}: {path}")
 
 
-def cmd_validate(args: argparse.Namespace) -> None:
+def cmd_validate(args: argparse.Namespace) -> int:
     from pathgen.store.manifest import read_manifest
+    from pathgen.wsi.slide import Slide
 
     params = load_params(args.params)
     slides = read_manifest(params["manifest"])
+    problems = []
+    for entry in slides:
+        try:
+            with Slide(entry.path, entry.slide_id, entry.mpp):
+                pass
+        except SlideError as exc:
+            problems.append(str(exc))
+        if entry.report and not Path(entry.report).is_file():
+            problems.append(f"report {entry.report} for slide '{entry.slide_id}': file not found")
     print(f"{args.params}: valid; {params['manifest']}: {len(slides)} slide(s)")
+    if problems:
+        for line in problems:
+            print(f"pathgen validate: {line}", file=sys.stderr)
+        action = "quarantined" if params["on_slide_error"] == "quarantine" else "failed"
+        print(f"pathgen validate: {len(problems)} problem(s); a build runs the other slides, these are {action}",
+              file=sys.stderr)
+        return 2
+    print(f"{params['manifest']}: every slide file opens")
+    return 0
 
 
 def cmd_dvc_yaml(args: argparse.Namespace) -> None:
@@ -240,6 +323,12 @@ def _add_step_io(p: argparse.ArgumentParser, wsi: bool = True, slide: bool = Tru
     p.add_argument("--params", default="params.yaml", help="params.yaml to take this step's sections from")
     p.add_argument("--params-json", help="this step's params.yaml sections as JSON (as rules pass them)")
     p.add_argument("--log", help="write this step's log here")
+    if slide:
+        p.add_argument("--status", help="write the slide job's status record here (pathgen.store.status)")
+        p.add_argument("--after", nargs="*", default=[], metavar="STATUS",
+                       help="status records of the slide's earlier steps: a quarantine there is passed on")
+        p.add_argument("--on-slide-error", choices=["quarantine", "fail"], default="fail",
+                       help="an input error of the slide quarantines it (with --status) or fails the step")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("assemble", help="manifest, sizes.json, metrics, plots and export of the whole dataset")
     p.add_argument("--out-dir", default="data/dataset")
     p.add_argument("--shards", nargs="+", required=True)
+    p.add_argument("--incomplete", nargs="*", default=[], metavar="SHARD=REASON",
+                   help="shards whose jobs did not complete: left out, named in failures.tsv and metrics.json")
     p.add_argument("--log")
     p.set_defaults(func=cmd_assemble)
 
@@ -403,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    real_stderr = sys.stderr
+    _STDERR.append(sys.stderr)
     log_file = None
     if getattr(args, "log", None):
         Path(args.log).parent.mkdir(parents=True, exist_ok=True)
@@ -415,16 +506,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = func(args) or 0
     except PathgenError as exc:
-        line = f"pathgen {args.command}: error: {exc}"
-        if log_file is not None:
-            print(line, file=log_file)
-        print(line, file=real_stderr)
+        _error_line(f"pathgen {args.command}: error: {exc}")
         return 2
     finally:
-        sys.stderr = real_stderr
+        sys.stderr = _STDERR.pop()
         if log_file is not None:
             log_file.close()
     return status
+
+
+_STDERR: list[Any] = []  # the real stderr while a step's own output goes to its --log file
+
+
+def _error_line(line: str) -> None:
+    """One line for the user: on the real stderr, and in the step's log file when there is one."""
+    real = _STDERR[-1] if _STDERR else sys.stderr
+    if real is not sys.stderr:
+        print(line, file=sys.stderr, flush=True)
+    print(line, file=real, flush=True)
 
 
 if __name__ == "__main__":

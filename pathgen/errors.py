@@ -14,11 +14,14 @@ class ConfigError(PathgenError):
 
 
 class SlideError(PathgenError):
-    """A slide file cannot be opened or read."""
+    """A slide file is missing, cannot be opened or read, or lacks what a step needs (e.g. mpp).
+
+    Like ReportError, an input error of one slide: it quarantines the slide (params.yaml on_slide_error).
+    """
 
 
 class ReportError(PathgenError):
-    """A pathology report file is missing, unreadable or empty."""
+    """A pathology report file is missing, unreadable, binary, or in no encoding that explains its bytes."""
 
 
 class ModelError(PathgenError):

@@ -1,5 +1,6 @@
 rule assemble_shard:
-    """Pack a shard's pairs into a WebDataset tar (jpg/txt/json per pair) and its manifest part."""
+    """Pack a shard's pairs into a WebDataset tar (jpg/txt/json per pair), its manifest part and its slides'
+    statuses (quarantined slides have no pairs)."""
     input:
         patches=shard_patch_tars,
         selection=lambda wc: [f"data/selection/{s}.parquet" for s in SHARDS[wc.shard]],
@@ -7,9 +8,11 @@ rule assemble_shard:
         captions="data/captions/{shard}.parquet",
         revised="data/revised/{shard}.parquet",
         summaries="data/summaries/{shard}.parquet",
+        status=shard_status,
     output:
         tar="data/dataset/{shard}.tar",
         part="data/dataset/parts/{shard}.parquet",
+        slides="data/dataset/parts/{shard}.slides.json",
     params:
         code=code_hash("assemble"),
         slides=shard_entries_json,
@@ -21,10 +24,12 @@ rule assemble_shard:
 
 
 rule assemble:
-    """The dataset: manifest.parquet, sizes.json, metrics, plot data and the PathGen-1.6M JSON export."""
+    """The dataset: manifest.parquet, sizes.json, metrics, plot data, the PathGen-1.6M JSON export and
+    failures.tsv (quarantined slides). After a failed run, the onerror handler assembles what completed."""
     input:
         tars=expand("data/dataset/{shard}.tar", shard=SHARDS),
         parts=expand("data/dataset/parts/{shard}.parquet", shard=SHARDS),
+        slides=expand("data/dataset/parts/{shard}.slides.json", shard=SHARDS),
     output:
         manifest="data/dataset/manifest.parquet",
         sizes="data/dataset/sizes.json",
@@ -32,6 +37,7 @@ rule assemble:
         tokens="data/dataset/plots/caption_tokens.csv",
         tissues="data/dataset/plots/pairs_per_tissue.csv",
         export="data/dataset/pathgen-1.6m.json",
+        failures="data/dataset/failures.tsv",
     params:
         code=code_hash("assemble"),
         shards=" ".join(SHARDS),

@@ -2,10 +2,12 @@
 # No pipeline logic here: every step is a `pathgen` command.
 
 import json
+from pathlib import Path
 
 from pathgen.config import step_params_json, validate_params
 from pathgen.errors import PathgenError
 from pathgen.lineage.codehash import code_hash
+from pathgen.lineage.run_end import on_error, on_success
 from pathgen.models.fingerprint import checkpoint_files
 from pathgen.store.manifest import SLIDE_ID, read_manifest
 from pathgen.store.shards import shard_slides
@@ -31,7 +33,21 @@ def step_view(step):
     return lambda wildcards: step_params_json(config, step)
 
 
+ON_SLIDE_ERROR = config["on_slide_error"]  # a shell-string global: changing it reruns nothing
+
+
+def _existing(path):
+    """[path] when the file exists, else []: a missing slide or report file is the slide's input error
+    (its job quarantines it), not a planning error that stops every slide. When the file appears, the
+    changed set of inputs reruns the slide."""
+    return [path] if path and Path(path).exists() else []
+
+
 def slide_path(wildcards):
+    return _existing(SLIDES[wildcards.slide].path)
+
+
+def slide_file(wildcards):
     return SLIDES[wildcards.slide].path
 
 
@@ -41,8 +57,15 @@ def slide_mpp(wildcards):
 
 
 def slide_report(wildcards):
-    report_file = SLIDES[wildcards.slide].report
-    return [report_file] if report_file else []
+    return _existing(SLIDES[wildcards.slide].report)
+
+
+def slide_report_file(wildcards):
+    return SLIDES[wildcards.slide].report or ""
+
+
+def shard_status(wildcards):
+    return [f"data/patches/{slide}.status.json" for slide in SHARDS[wildcards.shard]]
 
 
 def clip_files(wildcards):

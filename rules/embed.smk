@@ -4,7 +4,8 @@
 
 
 rule embed:
-    """Tile a slide (tissue mask, patch grid, slide info) and embed every tissue patch with CLIP into Zarr."""
+    """Tile a slide (tissue mask, patch grid, slide info) and embed every tissue patch with CLIP into Zarr.
+    An input error of the slide quarantines it: empty outputs and the reason in the status record."""
     input:
         wsi=slide_path,
         model=clip_files,
@@ -13,7 +14,9 @@ rule embed:
         thumbnail=report("data/tiles/{slide}.png", category="Tissue masks", labels={"slide": "{slide}"}),
         info="data/tiles/{slide}.json",
         embeddings=directory("data/embeddings/{slide}.zarr"),
+        status="data/tiles/{slide}.status.json",
     params:
+        wsi=slide_file,
         tile=step_view("tile"),
         embed=step_view("embed"),
         code=code_hash("tile", "embed"),
@@ -22,9 +25,9 @@ rule embed:
         tile="logs/tile/{slide}.log",
         embed="logs/embed/{slide}.log",
     shell:
-        "pathgen tile {input.wsi:q} --slide-id {wildcards.slide} --mpp '{params.mpp}'"
+        "pathgen tile {params.wsi:q} --slide-id {wildcards.slide} --mpp '{params.mpp}'"
         " --params-json {params.tile:q} --grid {output.grid} --thumbnail {output.thumbnail}"
-        " --info {output.info} --log {log.tile}"
-        " && pathgen embed {input.wsi:q} --slide-id {wildcards.slide} --mpp '{params.mpp}'"
+        " --info {output.info} --status {output.status} --on-slide-error {ON_SLIDE_ERROR} --log {log.tile}"
+        " && pathgen embed {params.wsi:q} --slide-id {wildcards.slide} --mpp '{params.mpp}'"
         " --params-json {params.embed:q} --grid {output.grid} --out {output.embeddings} --threads {threads}"
-        " --log {log.embed}"
+        " --after {output.status} --status {output.status} --on-slide-error {ON_SLIDE_ERROR} --log {log.embed}"

@@ -5,13 +5,15 @@
 
 rule select:
     """Representative patches of a slide: report and attribute prompts, retrieval, k-means diversity,
-    near-duplicate filter; then the kept patches cut at full resolution into a deterministic tar of JPEGs."""
+    near-duplicate filter; then the kept patches cut at full resolution into a deterministic tar of JPEGs.
+    A slide quarantined by its embed job, or here (an unreadable report), gets empty outputs."""
     input:
         wsi=slide_path,
         report=slide_report,
         embeddings="data/embeddings/{slide}.zarr",
         thumbnail="data/tiles/{slide}.png",
         info="data/tiles/{slide}.json",
+        embed_status="data/tiles/{slide}.status.json",
         model=clip_files,
         llm=lambda wc: [config["prompts"]["llm"]["checkpoint"]] if config["prompts"]["llm"] else [],
     output:
@@ -19,7 +21,10 @@ rule select:
         selection="data/selection/{slide}.parquet",
         overlay=report("data/selection/{slide}.png", category="Selected patches", labels={"slide": "{slide}"}),
         patches="data/patches/{slide}.tar",
+        status="data/patches/{slide}.status.json",
     params:
+        wsi=slide_file,
+        report=slide_report_file,
         prompts=step_view("prompts"),
         select=step_view("select"),
         patches=step_view("patches"),
@@ -34,10 +39,13 @@ rule select:
         patches="logs/patches/{slide}.log",
     shell:
         "pathgen prompts --slide-id {wildcards.slide} --tissue={params.tissue:q} --project={params.project:q}"
-        " --report='{input.report}' --params-json {params.prompts:q} {params.cache} --out {output.prompts}"
+        " --report={params.report:q} --params-json {params.prompts:q} {params.cache} --out {output.prompts}"
+        " --after {input.embed_status} --status {output.status} --on-slide-error {ON_SLIDE_ERROR}"
         " --log {log.prompts}"
         " && pathgen select --slide-id {wildcards.slide} --embeddings {input.embeddings} --prompts {output.prompts}"
         " --thumbnail {input.thumbnail} --info {input.info} --params-json {params.select:q}"
-        " --out {output.selection} --overlay {output.overlay} --log {log.select}"
-        " && pathgen patches {input.wsi:q} --slide-id {wildcards.slide} --mpp '{params.mpp}'"
-        " --selection {output.selection} --params-json {params.patches:q} --out {output.patches} --log {log.patches}"
+        " --out {output.selection} --overlay {output.overlay} --after {output.status} --status {output.status}"
+        " --on-slide-error {ON_SLIDE_ERROR} --log {log.select}"
+        " && pathgen patches {params.wsi:q} --slide-id {wildcards.slide} --mpp '{params.mpp}'"
+        " --selection {output.selection} --params-json {params.patches:q} --out {output.patches}"
+        " --after {output.status} --status {output.status} --on-slide-error {ON_SLIDE_ERROR} --log {log.patches}"

@@ -11,13 +11,13 @@ from pathgen.lineage.codehash import PACKAGE_DIR, STEP_MODULES, code_hash, step_
 # Every file whose edit reruns a step (and so its jobs downstream). Widening one of these sets reruns
 # real compute on a cohort (revise and summarize reload 13B models): change it on purpose only.
 STEP_FILES = {
-    "tile": {"steps/tile.py", "store/io.py", "wsi/slide.py", "wsi/tissue.py"},
+    "tile": {"steps/tile.py", "store/io.py", "store/status.py", "wsi/slide.py", "wsi/tissue.py"},
     "embed": {"steps/embed.py", "models/clip.py", "models/device.py", "models/fingerprint.py",
               "store/embeddings.py", "store/io.py", "wsi/slide.py"},
     "prompts": {"steps/prompts.py", "models/fingerprint.py", "models/llm.py", "resources/attributes.yaml",
                 "store/io.py", "text/attributes.py", "text/hygiene.py", "text/sentences.py"},
     "select": {"steps/select.py", "models/clip.py", "models/device.py", "models/fingerprint.py",
-               "store/embeddings.py", "store/io.py", "store/seeds.py"},
+               "store/embeddings.py", "store/io.py", "store/seeds.py", "store/status.py"},
     "patches": {"steps/patches.py", "store/io.py", "store/patch_tars.py", "store/shards.py", "wsi/slide.py"},
     "caption": {"steps/caption.py", "models/device.py", "models/fingerprint.py", "models/lmm.py", "store/io.py",
                 "store/patch_tars.py", "store/shards.py", "text/hygiene.py"},
@@ -26,10 +26,10 @@ STEP_FILES = {
     "summarize": {"steps/summarize.py", "models/fingerprint.py", "models/llm.py", "store/io.py",
                   "text/hygiene.py", "text/sentences.py", "text/tokens.py"},
     "assemble": {"steps/assemble.py", "interop/pathgen_json.py", "store/dataset.py", "store/io.py",
-                 "store/manifest.py", "store/patch_tars.py", "store/shards.py", "store/tables.py",
-                 "text/tokens.py"},
-    "report": {"reporting/pages.py", "reporting/html.py", "store/io.py", "store/seeds.py", "store/tables.py",
-               "text/tokens.py"},
+                 "store/manifest.py", "store/patch_tars.py", "store/shards.py", "store/status.py",
+                 "store/tables.py", "text/tokens.py"},
+    "report": {"reporting/pages.py", "reporting/html.py", "store/dataset.py", "store/io.py", "store/seeds.py",
+               "store/tables.py", "text/tokens.py"},
 }
 SHARED = ("wsi", "models", "text", "store")
 SUBPACKAGES = ("steps", *SHARED, "lineage", "reporting", "interop", "demo")

@@ -144,25 +144,129 @@ def test_malformed_params_fail_before_any_job(demo_inputs, project_copy):
     assert not (root / "data/tiles").exists()
 
 
-def test_bad_slides_fail_named_and_others_complete(demo_inputs, project_copy):
-    root = project_copy(demo_inputs)
+def corrupt_tiles(path, level=0):
+    """A slide file that still opens (header, IFDs and the low levels intact) but whose `level` tiles do not
+    decode: every JPEG tile keeps its start marker and loses its data, as a truncated transfer leaves it."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[level]
+        spans = list(zip(page.dataoffsets, page.databytecounts))
+    data = bytearray(path.read_bytes())
+    for offset, count in spans:
+        data[offset + 4: offset + count] = bytes(max(0, count - 4))
+    path.write_bytes(bytes(data))
+
+
+def manifest_rows(root):
+    return pl.read_parquet(root / "data/dataset/manifest.parquet")
+
+
+def failures(root):
+    lines = (root / "data/dataset/failures.tsv").read_text().splitlines()
+    assert lines[0] == "shard\tslide_id\tstep\treason"
+    return [line.split("\t") for line in lines[1:]]
+
+
+def pair_view(frame):
+    return frame.select("key", "summary", "image_sha256").sort("key")
+
+
+def test_bad_slides_are_quarantined_and_the_dataset_assembles(built_demo, project_copy):
+    """Shard 00000 holds a good slide (lung) and one whose tiles do not decode (breast); shard 00001 gains a
+    manifest row whose file is missing, and the colon slide's report path has an apostrophe."""
+    root = project_copy(built_demo)
+    breast = root / "data/demo/demo-breast-01.svs"
+    corrupt_tiles(breast)
+    report = root / "data/demo/reports/colon's report.txt"
+    report.write_text("Colon, resection: moderately differentiated adenocarcinoma. Margins are free of tumour.\n")
+    rows = (root / "data/slides.tsv").read_text().splitlines()
+    rows = [r + "data/demo/reports/colon's report.txt" if r.startswith("demo-colon-01\t") else r for r in rows]
+    (root / "data/slides.tsv").write_text("\n".join(rows) + "\n")
+    append_slide(root, "demo-missing-01", "data/demo/missing.svs")
+
+    proc = snakemake(root)  # exits 0: input errors of slides do not fail the run
+    output = proc.stdout + proc.stderr
+    assert "pathgen: 2 of 4 slide(s) quarantined (listed in data/dataset/failures.tsv):" in output
+    assert "demo-breast-01 [embed]: slide 'demo-breast-01' (data/demo/demo-breast-01.svs): cannot read region" in output
+    assert "demo-missing-01 [tile]: slide 'demo-missing-01' (data/demo/missing.svs): file not found" in output
+    assert [row[:3] for row in failures(root)] == [["00000", "demo-breast-01", "embed"],
+                                                   ["00001", "demo-missing-01", "tile"]]
+    manifest, before = manifest_rows(root), manifest_rows(built_demo)
+    assert set(manifest["slide_id"]) == {"demo-lung-01", "demo-colon-01"}
+    # The good shard partner keeps exactly its pairs of the clean build.
+    assert pair_view(manifest.filter(pl.col("slide_id") == "demo-lung-01")).equals(
+        pair_view(before.filter(pl.col("slide_id") == "demo-lung-01")))
+    sizes = json.loads((root / "data/dataset/sizes.json").read_text())
+    assert sorted(sizes) == ["00000.tar", "00001.tar"] and sum(sizes.values()) == manifest.height
+    metrics = json.loads((root / "data/dataset/metrics.json").read_text())
+    assert (metrics["slides_quarantined"], metrics["slides_in_shards"], metrics["complete"]) == (2, 4, True)
+    status = json.loads((root / "data/patches/demo-breast-01.status.json").read_text())
+    assert (status["status"], status["step"]) == ("quarantined", "embed")
+    assert tar_members(root / "data/patches/demo-breast-01.tar") == []
+    assert "demo-missing-01" in (root / "data/report/plots.html").read_text()
+    colon_prompts = pl.read_parquet(root / "data/prompts/demo-colon-01.parquet")
+    assert colon_prompts.filter(pl.col("kind") == "report")["text"].to_list() == [
+        "Colon, resection: moderately differentiated adenocarcinoma. Margins are free of tumour."]
+    assert planned_jobs(root) == {}
+
+    # Replacing the broken file reruns exactly that slide and its shard.
+    shutil.copy(built_demo / "data/demo/demo-breast-01.svs", breast)
+    assert planned_jobs(root) == {"embed": 1, "select": 1, "caption": 1, "revise": 1, "summarize": 1,
+                                  "assemble_shard": 1, "assemble": 1, "report_pages": 1, "all": 1}
+    snakemake(root)
+    assert [row[1] for row in failures(root)] == ["demo-missing-01"]
+    breast_pairs = manifest_rows(root).filter(pl.col("slide_id") == "demo-breast-01")
+    assert breast_pairs.height > 0 and pair_view(breast_pairs).equals(
+        pair_view(before.filter(pl.col("slide_id") == "demo-breast-01")))
+    # A missing file that appears counts as an updated input: its slide runs.
+    shutil.copy(built_demo / "data/demo/demo-lung-01.svs", root / "data/demo/missing.svs")
+    assert planned_jobs(root)["embed"] == 1
+    assert leftover_temporaries(root) == []
+
+
+def test_on_slide_error_fail_restores_the_strict_behaviour(built_demo, project_copy):
+    root = project_copy(built_demo)
     good = (root / "data/demo/demo-lung-01.svs").read_bytes()
     (root / "data/demo/truncated.svs").write_bytes(good[: len(good) // 3])
     (root / "data/demo/notes.svs").write_text("this is a text file, not a slide\n")
     append_slide(root, "truncated", "data/demo/truncated.svs")
     append_slide(root, "notaslide", "data/demo/notes.svs")
     targets = [f"data/patches/{s}.tar" for s in slide_ids(root)]
-    proc = snakemake(root, "--keep-going", *targets, check=False)
+    proc = snakemake(root, *targets, "--config", "on_slide_error=fail", check=False)
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr
     assert "pathgen tile: error: slide 'truncated' (data/demo/truncated.svs)" in output
     assert "pathgen tile: error: slide 'notaslide' (data/demo/notes.svs): not a slide format OpenSlide can read" in output
-    for slide in ("demo-lung-01", "demo-breast-01", "demo-colon-01"):
-        assert (root / f"data/patches/{slide}.tar").is_file()
     for bad in ("truncated", "notaslide"):  # nothing of the slide-reading steps survives
         for step in ("tiles", "embeddings", "selection", "patches"):
             assert not list((root / "data" / step).glob(f"{bad}.*")), (step, bad)
     assert leftover_temporaries(root) == []
+
+
+def test_a_failed_shard_job_leaves_the_dataset_of_the_completed_shards(built_demo, project_copy):
+    """Not an input error of a slide (a patch tar the caption job cannot read): the job fails, the run
+    fails, and data/dataset holds the other shard's pairs, never the previous build's."""
+    root = project_copy(built_demo)
+    tar = root / "data/patches/demo-colon-01.tar"
+    tar.write_bytes(tar.read_bytes()[:5000] + b"not a tar" * 100)
+    proc = snakemake(root, check=False)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "pathgen: data/dataset assembled from 1 of 2 shard(s)" in output
+    assert "pathgen: shard 00001 left out of the dataset: its caption job did not complete (log: logs/caption/00001.log)" in output
+    metrics = json.loads((root / "data/dataset/metrics.json").read_text())
+    assert (metrics["complete"], metrics["incomplete_shards"]) == (False, ["00001"])
+    assert json.loads((root / "data/dataset/sizes.json").read_text()) == {
+        "00000.tar": json.loads((built_demo / "data/dataset/sizes.json").read_text())["00000.tar"]}
+    assert failures(root) == [["00001", "", "shard", "its caption job did not complete (log: logs/caption/00001.log)"]]
+    before = manifest_rows(built_demo)
+    assert pair_view(manifest_rows(root)).equals(pair_view(before.filter(pl.col("shard") == "00000")))
+    shutil.copy(built_demo / "data/patches/demo-colon-01.tar", tar)
+    tar.touch()
+    snakemake(root)
+    assert pair_view(manifest_rows(root)).equals(pair_view(before))
+    assert json.loads((root / "data/dataset/metrics.json").read_text())["complete"] is True
 
 
 def test_slide_without_tissue_gives_empty_outputs(built_demo, project_copy):
@@ -181,9 +285,14 @@ def test_slide_without_tissue_gives_empty_outputs(built_demo, project_copy):
     assert after.equals(before) and not (after["slide_id"] == "blank").any()
 
 
-def test_validate_command_checks_params_and_manifest(demo_inputs):
+def test_validate_command_checks_params_manifest_and_every_file(demo_inputs, project_copy):
     out = run([str(BIN / "pathgen"), "validate"], demo_inputs).stdout
-    assert "3 slide(s)" in out
+    assert "3 slide(s)" in out and "every slide file opens" in out
+    root = project_copy(demo_inputs)
+    append_slide(root, "gone", "data/demo/gone.svs")
+    proc = run([str(BIN / "pathgen"), "validate"], root, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[0] == "pathgen validate: slide 'gone' (data/demo/gone.svs): file not found"
 
 
 def read_stats(root, step):

@@ -25,7 +25,8 @@ from typing import Any
 import polars as pl
 
 from pathgen.errors import PathgenError
-from pathgen.reporting.html import esc, page
+from pathgen.reporting.html import esc, page, table
+from pathgen.store.dataset import FAILURES_NAME
 from pathgen.store.io import write_text
 from pathgen.store.seeds import rng_for
 from pathgen.store.tables import require_columns
@@ -50,6 +51,11 @@ METRIC_LABELS = {
     "description_words_mean": "Description words, mean",
     "pct_revised": "Descriptions revised (operations applied)",
     "pct_cut": f"Summaries cut at {CONTEXT_LENGTH} tokens",
+    "complete": "Every shard assembled",
+    "incomplete_shards": "Shards left out (jobs did not complete)",
+    "slides_in_shards": "Slides in the assembled shards",
+    "slides_quarantined": "Slides quarantined (input errors)",
+    "slides_without_pairs": "Slides without pairs (no tissue kept)",
 }
 
 STYLE = """
@@ -439,8 +445,22 @@ def plots_html(dataset_dir: str | Path) -> str:
         '<h2>Pairs per tissue <span class="meta">plots/pairs_per_tissue.csv</span></h2>\n'
         f'<figure class="chart">{tissue_bars_svg(tissues)}\n'
         "<figcaption>Pairs per tissue, most first.</figcaption></figure>\n"
+        f"{failures_html(dataset_dir / FAILURES_NAME)}"
     )
     return _page("Dataset plots", body)
+
+
+def failures_html(path: Path) -> str:
+    """The quarantined slides and left-out shards of failures.tsv as a table ('' without the file)."""
+    if not path.is_file():
+        return ""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header, rows = (lines[0].split("\t"), [line.split("\t") for line in lines[1:]]) if lines else ([], [])
+    if not rows:
+        return '<h2>Failures <span class="meta">failures.tsv</span></h2>\n<p class="lead">None: every slide ran.</p>\n'
+    return (f'<h2>Failures: {len(rows)} <span class="meta">failures.tsv</span></h2>\n'
+            '<p class="lead">Slides quarantined for an input error (their pairs are missing from the dataset) '
+            "and shards left out because a job did not complete.</p>\n" + table(header, rows, "metrics"))
 
 
 def write_report_pages(dataset_dir: str | Path, out_dir: str | Path, n: int, seed: int,

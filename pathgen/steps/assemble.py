@@ -10,9 +10,16 @@ Members are in key order (`{slide_id}/x{X:07d}_y{Y:07d}`), each pair's three
 members together, so WebDataset groups them into one sample whose `__key__`
 is the key. The same rows go to `parts/{shard}.parquet`.
 
+The shard's slides and how their jobs ended (ok or quarantined, with the
+step and reason; pathgen.store.status) go to `parts/{shard}.slides.json`.
+
 For the dataset (`assemble_dataset`): `manifest.parquet`, `sizes.json` (read by
-open_clip's trainer), `metrics.json`, plot data under `plots/`, and an export
-in the released PathGen-1.6M JSON format (`pathgen-1.6m.json`).
+open_clip's trainer), `metrics.json`, plot data under `plots/`, an export in
+the released PathGen-1.6M JSON format (`pathgen-1.6m.json`), and
+`failures.tsv`: every quarantined slide, and every shard left out because its
+jobs did not complete (`incomplete`: the run's failed jobs, passed by the
+workflow's onerror handler, so that a failed run still leaves the dataset of
+what succeeded, never the previous build's).
 """
 
 from __future__ import annotations
@@ -30,11 +37,12 @@ import polars as pl
 
 from pathgen.errors import PathgenError
 from pathgen.interop.pathgen_json import pathgen_records, write_pathgen_json
-from pathgen.store.dataset import EXPORT_NAME, METRICS_NAME, PLOTS
+from pathgen.store.dataset import EXPORT_NAME, FAILURES_NAME, METRICS_NAME, PLOTS
 from pathgen.store.io import atomic_path, tar_member, write_json, write_parquet, write_text
 from pathgen.store.manifest import SlideEntry
 from pathgen.store.patch_tars import member_name
 from pathgen.store.shards import pair_key
+from pathgen.store.status import QUARANTINED, read_status
 from pathgen.store.tables import require_columns, require_unique
 from pathgen.text.tokens import CONTEXT_LENGTH
 
@@ -254,8 +262,21 @@ def assemble_shard(shard: str, slides: list[SlideEntry], data_dir: str | Path, o
         schema=PART_SCHEMA,
         orient="row",
     )
+    write_json(shard_slide_records(shard, slides, data_dir, part), out_dir / "parts" / f"{shard}.slides.json")
     write_parquet(part, out_dir / "parts" / f"{shard}.parquet")
     return part
+
+
+def shard_slide_records(shard: str, slides: list[SlideEntry], data_dir: Path, part: pl.DataFrame) -> list[dict]:
+    """Each slide of the shard with its pair count and its select job's status (ok when it has none)."""
+    pairs = dict(part.group_by("slide_id").agg(pl.len()).iter_rows()) if part.height else {}
+    out = []
+    for entry in slides:
+        path = data_dir / "patches" / f"{entry.slide_id}.status.json"
+        rec = read_status(path) if path.is_file() else {"status": "ok", "step": None, "reason": None}
+        out.append({"slide_id": entry.slide_id, "shard": shard, "status": rec["status"], "step": rec["step"],
+                    "reason": rec["reason"], "pairs": int(pairs.get(entry.slide_id, 0))})
+    return out
 
 
 def _percentile(values: np.ndarray, q: float) -> float | None:
@@ -300,6 +321,13 @@ def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
     return buf.getvalue()
 
 
+def _tsv_text(header: list[str], rows: list[list[Any]]) -> str:
+    """Tab-separated text; tabs and newlines inside a value become spaces (a reason is one line)."""
+    def cell(value: Any) -> str:
+        return " ".join(str("" if value is None else value).split())
+    return "".join("\t".join(cell(v) for v in row) + "\n" for row in [header, *rows])
+
+
 def token_histogram(tokens: list[int]) -> list[list[int]]:
     """[tokens, count] for every token count 0..77 (and beyond, up to the largest seen)."""
     top = max([CONTEXT_LENGTH, *tokens]) if tokens else CONTEXT_LENGTH
@@ -307,15 +335,27 @@ def token_histogram(tokens: list[int]) -> list[list[int]]:
     return [[t, int(c)] for t, c in enumerate(counts)]
 
 
-def assemble_dataset(out_dir: str | Path, shards: list[str]) -> dict[str, Any]:
-    """The "all" step: from `out_dir/parts`, write manifest, sizes.json, metrics.json, plots and the export.
+FAILURE_COLUMNS = ("shard", "slide_id", "step", "reason")
 
-    Returns the metrics. Every shard must have its tar and part in `out_dir`.
+
+def assemble_dataset(out_dir: str | Path, shards: list[str], incomplete: dict[str, str] | None = None) -> dict[str, Any]:
+    """The "all" step: from `out_dir/parts`, write manifest, sizes.json, metrics.json, plots, the export
+    and failures.tsv.
+
+    Returns the metrics. Every shard must have its tar and part in `out_dir`, except the shards of
+    `incomplete` (shard -> why), which are left out and named in failures.tsv and the metrics.
     """
     out_dir = Path(out_dir)
+    incomplete = dict(sorted((incomplete or {}).items()))
+    unknown = sorted(set(incomplete) - set(shards))
+    if unknown:
+        raise PathgenError(f"incomplete shard {unknown[0]} is not one of the dataset's shards")
     parts: list[pl.DataFrame] = []
     sizes: dict[str, int] = {}
+    slide_records: list[dict[str, Any]] = []
     for shard in shards:
+        if shard in incomplete:
+            continue
         part_path, tar_path = out_dir / "parts" / f"{shard}.parquet", out_dir / f"{shard}.tar"
         for path in (part_path, tar_path):
             if not path.is_file():
@@ -325,18 +365,32 @@ def assemble_dataset(out_dir: str | Path, shards: list[str]) -> dict[str, Any]:
             raise PathgenError(f"shard {shard}: {part_path} does not have the assembled part schema; re-assemble it")
         parts.append(part)
         sizes[tar_path.name] = part.height
+        slides_path = out_dir / "parts" / f"{shard}.slides.json"
+        if slides_path.is_file():
+            slide_records.extend(json.loads(slides_path.read_text(encoding="utf-8")))
     manifest = pl.concat(parts, how="vertical") if parts else pl.DataFrame(schema=PART_SCHEMA)
     duplicated = manifest.filter(pl.col("key").is_duplicated())["key"]
     if len(duplicated):
         raise PathgenError(f"key '{duplicated[0]}' is in more than one shard")
 
     metrics = dataset_metrics(manifest, shards)
+    quarantined = [r for r in slide_records if r["status"] == QUARANTINED]
+    metrics.update({
+        "complete": not incomplete,
+        "incomplete_shards": list(incomplete),
+        "slides_in_shards": len(slide_records),
+        "slides_quarantined": len(quarantined),
+        "slides_without_pairs": sum(1 for r in slide_records if r["status"] != QUARANTINED and r["pairs"] == 0),
+    })
+    failures = [[r["shard"], r["slide_id"], r["step"], r["reason"]] for r in quarantined]
+    failures += [[shard, "", "shard", why] for shard, why in incomplete.items()]
     tissue = (manifest.group_by("tissue").agg(pl.len().alias("pairs"))
               .sort(["pairs", "tissue"], descending=[True, False]))
     plot_rows = {"caption_tokens.csv": token_histogram([int(t) for t in manifest["summary_tokens"].drop_nulls()]),
                  "pairs_per_tissue.csv": [list(r) for r in tissue.iter_rows()]}
     for name, columns in PLOTS.items():
         write_text(_csv_text(list(columns), plot_rows[name]), out_dir / "plots" / name)
+    write_text(_tsv_text(list(FAILURE_COLUMNS), sorted(failures)), out_dir / FAILURES_NAME)
     write_pathgen_json(pathgen_records(manifest), out_dir / EXPORT_NAME)
     write_json(sizes, out_dir / "sizes.json")
     write_parquet(manifest, out_dir / "manifest.parquet")

@@ -80,12 +80,14 @@ def embed_patches(clip: ClipModel, dataset: PatchDataset, batch_size: int, num_w
     )
     bar = tqdm(total=len(dataset), desc=f"embed {dataset.slide_id}", unit="patch", file=sys.stderr,
                disable=not progress, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    for indices, batch, error in loader:
-        if error is not None:
-            raise SlideError(error)
-        features[indices.numpy()] = encode_images(clip, batch)
-        bar.update(len(indices))
-    bar.close()
+    try:
+        for indices, batch, error in loader:
+            if error is not None:
+                raise SlideError(error)
+            features[indices.numpy()] = encode_images(clip, batch)
+            bar.update(len(indices))
+    finally:
+        bar.close()
     return features
 
 
@@ -117,3 +119,10 @@ def run_embed(wsi: str | Path, slide_id: str, grid_path: str | Path, clip_cfg: d
         "dim": int(features.shape[1]),
     })
     return features
+
+
+def write_quarantined_embeddings(slide_id: str, reason: str, out: str | Path) -> None:
+    """The embeddings store of a quarantined slide: no rows, attrs naming the reason (no model is loaded)."""
+    empty = pl.DataFrame(schema={"x": pl.Int64, "y": pl.Int64})
+    write_embeddings(out, np.zeros((0, 0), np.float32), empty,
+                     {"slide_id": slide_id, "quarantined": reason, "n_patches": 0, "dim": 0})

@@ -35,3 +35,8 @@ def run_patches(wsi: str | Path, slide_id: str, selection_path: str | Path, para
         members = extract_patches(slide, selection, params["jpeg_quality"])
     write_tar(members, out)
     return len(members)
+
+
+def write_quarantined_patches(out: str | Path) -> None:
+    """The patch tar of a quarantined slide: no members (the slide is not opened)."""
+    write_tar({}, out)

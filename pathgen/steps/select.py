@@ -39,6 +39,7 @@ from pathgen.models.clip import clip_fingerprint, encode_texts, load_clip
 from pathgen.store.embeddings import read_embeddings
 from pathgen.store.io import write_parquet, write_png
 from pathgen.store.seeds import derive_seed, rng_for
+from pathgen.store.status import placeholder_picture
 
 SELECTION_SCHEMA = {
     "slide_id": pl.String,
@@ -280,3 +281,9 @@ def run_select(slide_id: str, embeddings: str | Path, prompts: str | Path, thumb
     write_png(draw_overlay(Image.open(thumbnail), scale, selection), overlay_out)
     write_parquet(selection, out)
     return selection
+
+
+def write_quarantined_selection(out: str | Path, overlay_out: str | Path) -> None:
+    """The selection outputs of a quarantined slide: no candidates, a placeholder overlay."""
+    write_png(placeholder_picture(), overlay_out)
+    write_parquet(pl.DataFrame(schema=SELECTION_SCHEMA), out)

@@ -14,8 +14,9 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from pathgen.errors import SlideError
+from pathgen.errors import ConfigError, SlideError
 from pathgen.store.io import write_json, write_parquet, write_png
+from pathgen.store.status import placeholder_picture
 from pathgen.wsi.slide import Slide
 from pathgen.wsi.tissue import mask_outline, tissue_mask
 
@@ -40,7 +41,7 @@ def patch_geometry(slide: Slide, params: dict[str, Any]) -> tuple[int, int, int,
         return out, 0, out, out
     target = params["target_mpp"]
     if target is None:
-        raise SlideError("params.yaml: tile.mode is 'mpp' but tile.target_mpp is null")
+        raise ConfigError("params.yaml: tile.mode is 'mpp' but tile.target_mpp is null")
     mpp = slide.mpp
     if mpp is None:
         raise SlideError(
@@ -144,3 +145,11 @@ def run_tile(wsi: str | Path, slide_id: str, params: dict[str, Any], grid_out: s
     write_json(info, info_out)
     write_parquet(grid, grid_out)
     return grid
+
+
+def write_quarantined_tile(slide_id: str, reason: str, grid_out: str | Path, thumb_out: str | Path,
+                           info_out: str | Path) -> None:
+    """The tile outputs of a quarantined slide: an empty grid, a placeholder thumbnail, info naming the reason."""
+    write_png(placeholder_picture(), thumb_out)
+    write_json({"slide_id": slide_id, "quarantined": reason, "patches": 0, "grid_cells": 0, "mpp": None}, info_out)
+    write_parquet(pl.DataFrame(schema=GRID_SCHEMA), grid_out)

@@ -4,5 +4,6 @@ from __future__ import annotations
 
 EXPORT_NAME = "pathgen-1.6m.json"  # the released PathGen-1.6M JSON format
 METRICS_NAME = "metrics.json"
+FAILURES_NAME = "failures.tsv"  # quarantined slides and incomplete shards: shard, slide_id, step, reason
 # plots/<name>: (x column, y column), as DVC's plots read them
 PLOTS = {"caption_tokens.csv": ("tokens", "count"), "pairs_per_tissue.csv": ("tissue", "pairs")}
