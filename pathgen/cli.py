@@ -494,12 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _STDERR.append(sys.stderr)
-    log_file = None
+    real_stderr, log_file = sys.stderr, None
     if getattr(args, "log", None):
         Path(args.log).parent.mkdir(parents=True, exist_ok=True)
         log_file = open(args.log, "w", buffering=1)
         sys.stderr = log_file
+    _OUTPUTS.append((real_stderr, log_file))
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     func: Callable[[argparse.Namespace], int | None] = args.func
@@ -509,20 +509,22 @@ def main(argv: list[str] | None = None) -> int:
         _error_line(f"pathgen {args.command}: error: {exc}")
         return 2
     finally:
-        sys.stderr = _STDERR.pop()
+        _OUTPUTS.pop()
+        sys.stderr = real_stderr
         if log_file is not None:
             log_file.close()
     return status
 
 
-_STDERR: list[Any] = []  # the real stderr while a step's own output goes to its --log file
+# (the real stderr, the step's --log file or None) of each running `main` (tests call it in-process)
+_OUTPUTS: list[tuple[Any, Any]] = []
 
 
 def _error_line(line: str) -> None:
     """One line for the user: on the real stderr, and in the step's log file when there is one."""
-    real = _STDERR[-1] if _STDERR else sys.stderr
-    if real is not sys.stderr:
-        print(line, file=sys.stderr, flush=True)
+    real, log_file = _OUTPUTS[-1] if _OUTPUTS else (sys.stderr, None)
+    if log_file is not None:
+        print(line, file=log_file, flush=True)
     print(line, file=real, flush=True)
 
 
