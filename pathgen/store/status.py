@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-from PIL import Image
+from typing import TYPE_CHECKING, Any
 
 from pathgen.errors import PathgenError
 from pathgen.store.io import write_json
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 OK = "ok"
 QUARANTINED = "quarantined"
@@ -66,8 +66,11 @@ def upstream_quarantine(paths: list[str | Path]) -> dict[str, Any] | None:
     return None
 
 
-def placeholder_picture(size: int = 128) -> Image.Image:
+def placeholder_picture(size: int = 128) -> "Image.Image":
     """The thumbnail/overlay of a quarantined slide: grey with a red cross (deterministic bytes)."""
+    import numpy as np  # here, not at import: the Snakefile imports this module on every start
+    from PIL import Image
+
     pixels = np.full((size, size, 3), 200, np.uint8)
     idx = np.arange(size)
     for offset in (-1, 0, 1):
