@@ -136,19 +136,25 @@ def cmd_patches(args: argparse.Namespace) -> None:
     _slide_step(args, run, lambda reason: write_quarantined_patches(args.out))
 
 
-def _write_stats(args: argparse.Namespace, step: str, stats: dict[str, int]) -> None:
-    log.info("%s %s: cache %s", step, args.shard, " ".join(f"{k}={v}" for k, v in sorted(stats.items())))
-    if args.stats:
-        from pathgen.store.io import write_json
+def _shard_job(args: argparse.Namespace, step: str, run: Callable[..., dict[str, Any]]) -> None:
+    """Run a model step for one shard and write its counters (cache, engine, items/s) to --stats."""
+    import time
 
-        write_json({"step": step, "shard": args.shard, **stats}, args.stats)
-
-
-def _threads(args: argparse.Namespace) -> None:
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    log_dir = Path(args.log).parent / f"{args.shard}.server" if args.log else None
+    start = time.perf_counter()
+    stats = run(threads=args.threads, log_dir=log_dir)
+    seconds = time.perf_counter() - start
+    stats = {**stats, "seconds": round(seconds, 3),
+             "items_per_s": round(stats.get("items", 0) / seconds, 3) if seconds > 0 else None}
+    log.info("%s %s: %s", step, args.shard, " ".join(f"{k}={v}" for k, v in sorted(stats.items())))
+    if args.stats:
+        from pathgen.store.io import write_json
+
+        write_json({"step": step, "shard": args.shard, **stats}, args.stats)
 
 
 def cmd_caption(args: argparse.Namespace) -> None:
@@ -156,10 +162,9 @@ def cmd_caption(args: argparse.Namespace) -> None:
 
     from pathgen.steps.caption import run_caption
 
-    _threads(args)
     settings = _params(args, "caption")["describe"]
-    stats = run_caption(args.patches, json.loads(args.slides_json), settings, args.cache_dir, args.flush_every, args.out)
-    _write_stats(args, "caption", stats)
+    _shard_job(args, "caption", lambda **kw: run_caption(args.patches, json.loads(args.slides_json), settings,
+                                                         args.cache_dir, args.flush_every, args.out, **kw))
 
 
 def cmd_revise(args: argparse.Namespace) -> None:
@@ -167,19 +172,17 @@ def cmd_revise(args: argparse.Namespace) -> None:
 
     from pathgen.steps.revise import run_revise
 
-    _threads(args)
     settings = _params(args, "revise")["revise"]
-    stats = run_revise(args.patches, json.loads(args.slides_json), args.captions, settings, args.cache_dir,
-                       args.flush_every, args.out)
-    _write_stats(args, "revise", stats)
+    _shard_job(args, "revise", lambda **kw: run_revise(args.patches, json.loads(args.slides_json), args.captions,
+                                                       settings, args.cache_dir, args.flush_every, args.out, **kw))
 
 
 def cmd_summarize(args: argparse.Namespace) -> None:
     from pathgen.steps.summarize import run_summarize
 
     settings = _params(args, "summarize")["summarize"]
-    stats = run_summarize(args.revised, settings, args.cache_dir, args.flush_every, args.out, threads=args.threads)
-    _write_stats(args, "summarize", stats)
+    _shard_job(args, "summarize", lambda **kw: run_summarize(args.revised, settings, args.cache_dir,
+                                                             args.flush_every, args.out, **kw))
 
 
 def cmd_assemble_shard(args: argparse.Namespace) -> None:
@@ -390,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--flush-every", type=int, default=32)
         p.add_argument("--threads", type=int, default=None)
         p.add_argument("--out", required=True)
-        p.add_argument("--stats", help="write the cache counters (hits, misses, ...) here as JSON")
+        p.add_argument("--stats", help="write the job's counters (items, cache hits and misses, model loaded, "
+                                       "tokens, seconds, items/s) here as JSON")
         return p
 
     p = shard_step("caption", "describe every patch of a shard with the describe LMM")

@@ -88,18 +88,24 @@ def write_inputs(data_dir: Path, shard: str, pairs: list[dict], mpp: float | Non
         "key": [p["key"] for p in rows], "slide_id": [p["slide_id"] for p in rows],
         "x": [p["x"] for p in rows], "y": [p["y"] for p in rows], "tissue": ["t"] * len(rows),
         "prompt": ["Describe."] * len(rows), "description": [p["description"] for p in rows],
+        "describe_engine": ["transformers"] * len(rows),
+        "describe_finish": ["length" if p["cut"] else "stop" for p in rows],
+        "describe_tokens": [len(p["description"].split()) for p in rows],
         "describe_fingerprint": ["d" * 8] * len(rows),
-    }, schema_overrides={"x": pl.Int64, "y": pl.Int64}), data_dir / "captions" / f"{shard}.parquet")
+    }, schema_overrides={"x": pl.Int64, "y": pl.Int64, "describe_tokens": pl.Int32}),
+        data_dir / "captions" / f"{shard}.parquet")
     write_parquet(pl.DataFrame({
         "key": [p["key"] for p in rows],
         "ops": [json.dumps([{"op": "edit", "old": "a", "new": "b"}] if p["status"] == "applied" else []) for p in rows],
         "revised": [p["description"] + " (revised)" for p in rows], "revise_status": [p["status"] for p in rows],
-        "revise_fingerprint": ["r" * 8] * len(rows),
+        "revise_engine": ["transformers"] * len(rows), "revise_constrained": [True] * len(rows),
+        "revise_finish": ["stop"] * len(rows), "revise_fingerprint": ["r" * 8] * len(rows),
     }), data_dir / "revised" / f"{shard}.parquet")
     write_parquet(pl.DataFrame({
         "key": [p["key"] for p in rows], "summary": [p["summary"] for p in rows],
         "summary_tokens": [p["tokens"] for p in rows], "summary_cut": [p["cut"] for p in rows],
-        "summary_attempts": [1] * len(rows), "summarize_fingerprint": ["s" * 8] * len(rows),
+        "summary_attempts": [1] * len(rows), "summarize_engine": ["llama_cpp"] * len(rows),
+        "summarize_finish": ["stop"] * len(rows), "summarize_fingerprint": ["s" * 8] * len(rows),
     }, schema_overrides={"summary_tokens": pl.Int32, "summary_attempts": pl.Int32}),
         data_dir / "summaries" / f"{shard}.parquet")
 
@@ -248,6 +254,8 @@ def test_dataset_files(built):
         "summary_tokens_p95": 69.95,  # sorted 10, 20, 30, 77: position 0.95 * 3 = 2.85 -> 30 + 0.85 * 47
         "description_words_mean": 4.0,  # (3 + 5 + 4 + 4) / 4
         "pct_revised": 50.0, "pct_cut": 50.0,
+        "pct_description_truncated": 50.0,  # the fixture's cut pairs had their descriptions cut too
+        "pct_revise_invalid": 25.0, "pct_revise_unconstrained": 0.0, "pct_summary_truncated": 0.0,  # 1 of 4 invalid
     }
     for name, value in expected.items():
         assert metrics[name] == pytest.approx(value), name

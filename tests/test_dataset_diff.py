@@ -90,15 +90,21 @@ def write_upstream(data: Path, shard: str, pairs: dict[str, tuple[str, int]]) ->
     keys = [r[0] for r in rows]
     write_parquet(pl.DataFrame({
         "key": keys, "slide_id": [r[1] for r in rows], "x": [r[2] for r in rows], "y": [r[3] for r in rows],
-        "description": [f"Description of {key}." for key in keys], "describe_fingerprint": ["d" * 8] * len(rows),
-    }, schema_overrides={"x": pl.Int64, "y": pl.Int64}), data / "captions" / f"{shard}.parquet")
+        "description": [f"Description of {key}." for key in keys], "describe_engine": ["transformers"] * len(rows),
+        "describe_finish": ["stop"] * len(rows), "describe_tokens": [4] * len(rows),
+        "describe_fingerprint": ["d" * 8] * len(rows),
+    }, schema_overrides={"x": pl.Int64, "y": pl.Int64, "describe_tokens": pl.Int32}),
+        data / "captions" / f"{shard}.parquet")
     write_parquet(pl.DataFrame({
         "key": keys, "ops": ["[]"] * len(rows), "revised": [f"Description of {key}." for key in keys],
-        "revise_status": ["unchanged"] * len(rows), "revise_fingerprint": ["r" * 8] * len(rows),
+        "revise_status": ["unchanged"] * len(rows), "revise_engine": ["transformers"] * len(rows),
+        "revise_constrained": [True] * len(rows), "revise_finish": ["stop"] * len(rows),
+        "revise_fingerprint": ["r" * 8] * len(rows),
     }), data / "revised" / f"{shard}.parquet")
     write_parquet(pl.DataFrame({
         "key": keys, "summary": [r[4] for r in rows], "summary_tokens": [len(r[4].split()) for r in rows],
-        "summary_cut": [False] * len(rows), "summarize_fingerprint": ["s" * 8] * len(rows),
+        "summary_cut": [False] * len(rows), "summarize_engine": ["llama_cpp"] * len(rows),
+        "summarize_finish": ["stop"] * len(rows), "summarize_fingerprint": ["s" * 8] * len(rows),
     }, schema_overrides={"summary_tokens": pl.Int32}), data / "summaries" / f"{shard}.parquet")
 
 

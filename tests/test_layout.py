@@ -10,21 +10,23 @@ from pathgen.lineage.codehash import PACKAGE_DIR, STEP_MODULES, code_hash, step_
 
 # Every file whose edit reruns a step (and so its jobs downstream). Widening one of these sets reruns
 # real compute on a cohort (revise and summarize reload 13B models): change it on purpose only.
+# The engine interface builds the engine params.yaml names (pathgen.models.engine.ENGINES), so a model step
+# follows every engine's module.
+ENGINE_FILES = {"models/engine.py", "models/fingerprint.py", "models/transformers_engine.py",
+                "models/llama_cpp_engine.py", "models/openai_engine.py", "models/server.py", "models/device.py",
+                "store/io.py", "text/hygiene.py"}
 STEP_FILES = {
     "tile": {"steps/tile.py", "store/io.py", "store/status.py", "wsi/slide.py", "wsi/tissue.py"},
     "embed": {"steps/embed.py", "models/clip.py", "models/device.py", "models/fingerprint.py",
               "store/embeddings.py", "store/io.py", "wsi/slide.py"},
-    "prompts": {"steps/prompts.py", "models/fingerprint.py", "models/llm.py", "resources/attributes.yaml",
-                "store/io.py", "text/attributes.py", "text/hygiene.py", "text/sentences.py"},
+    "prompts": {"steps/prompts.py", *ENGINE_FILES, "resources/attributes.yaml", "text/attributes.py",
+                "text/sentences.py"},
     "select": {"steps/select.py", "models/clip.py", "models/device.py", "models/fingerprint.py",
                "store/embeddings.py", "store/io.py", "store/seeds.py", "store/status.py"},
     "patches": {"steps/patches.py", "store/io.py", "store/patch_tars.py", "store/shards.py", "wsi/slide.py"},
-    "caption": {"steps/caption.py", "models/device.py", "models/fingerprint.py", "models/lmm.py", "store/io.py",
-                "store/patch_tars.py", "store/shards.py", "text/hygiene.py"},
-    "revise": {"steps/revise.py", "models/device.py", "models/fingerprint.py", "models/lmm.py", "store/io.py",
-               "store/patch_tars.py", "store/shards.py", "text/hygiene.py", "text/sentences.py"},
-    "summarize": {"steps/summarize.py", "models/fingerprint.py", "models/llm.py", "store/io.py",
-                  "text/hygiene.py", "text/sentences.py", "text/tokens.py"},
+    "caption": {"steps/caption.py", *ENGINE_FILES, "store/patch_tars.py", "store/shards.py"},
+    "revise": {"steps/revise.py", *ENGINE_FILES, "store/patch_tars.py", "store/shards.py", "text/sentences.py"},
+    "summarize": {"steps/summarize.py", *ENGINE_FILES, "text/sentences.py", "text/tokens.py"},
     "assemble": {"steps/assemble.py", "interop/pathgen_json.py", "store/dataset.py", "store/io.py",
                  "store/manifest.py", "store/patch_tars.py", "store/shards.py", "store/status.py",
                  "store/tables.py", "text/tokens.py"},
@@ -62,6 +64,13 @@ def imported(path: Path) -> set[str]:
 def test_code_hash_covers_exactly_the_files_the_step_depends_on(step):
     covered = {p.relative_to(PACKAGE_DIR).as_posix() for p in step_modules(step)}
     assert covered == STEP_FILES[step], {"added": covered - STEP_FILES[step], "dropped": STEP_FILES[step] - covered}
+
+
+def test_code_hash_follows_every_engine_the_interface_can_build():
+    from pathgen.lineage.codehash import DYNAMIC_IMPORTS
+    from pathgen.models.engine import ENGINES
+
+    assert set(DYNAMIC_IMPORTS["pathgen.models.engine"]) == {module for module, *_ in ENGINES.values()}
 
 
 def test_every_hashed_step_is_stated_and_hashes_differ():

@@ -660,7 +660,7 @@ from types import SimpleNamespace  # noqa: E402
 import yaml  # noqa: E402
 
 from pathgen.config import load_params, params_schema, validate_params  # noqa: E402
-from pathgen.models.llm import LlamaCppAgent  # noqa: E402
+from pathgen.models.engine import Agent  # noqa: E402
 from pathgen.steps.prompts import (  # noqa: E402
     CACHE_AGENT,
     CHAT_OVERHEAD_TOKENS,
@@ -700,7 +700,7 @@ def llm_cfg(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def agent(llm_cfg) -> LlamaCppAgent:
+def agent(llm_cfg) -> Agent:
     return make_llm_agent(llm_cfg, threads=1)
 
 
@@ -784,7 +784,7 @@ LONG_REPORT = " ".join(f"Block {i}: " + REPORTS[i % 2] for i in range(60))  # ab
 
 
 @pytest.fixture(scope="module")
-def small_agent(llm_cfg) -> LlamaCppAgent:
+def small_agent(llm_cfg) -> Agent:
     return make_llm_agent({**llm_cfg, **SMALL_CTX}, threads=1)
 
 
@@ -826,7 +826,7 @@ def test_report_chunks_fit_the_context_at_sentence_boundaries(small_agent):
     assert prompt_budget(small_agent) == budget
     for chunk in chunks:
         prompt = fill_template(DEFAULT_CLEAN_PROMPT, {"report": chunk, "max_words": "50"})
-        n = len(small_agent.llm.tokenize(prompt.encode(), add_bos=True, special=False))
+        n = len(small_agent.engine.llm.tokenize(prompt.encode(), add_bos=True, special=False))
         assert n <= budget + 1, (n, budget)  # + the BOS counted here
     # not too small either: each chunk but the last is refused one more sentence
     for chunk, following in zip(chunks, chunks[1:]):
@@ -847,7 +847,7 @@ def test_report_chunks_cut_an_overlong_sentence_between_words(small_agent):
 
 
 def test_report_chunks_without_a_tokenizer_use_the_estimate():
-    fake = SimpleNamespace(settings={"n_ctx": 600, "max_tokens": 64})  # no .llm: no tokenizer
+    fake = SimpleNamespace(settings={"n_ctx": 600, "max_tokens": 64})  # no token_counter: no tokenizer
     assert token_counter(fake) is estimate_tokens
     assert estimate_tokens("abcd") == 2 and estimate_tokens("2024") == 4 and estimate_tokens("µm") == 3
     chunks = report_chunks(fake, LONG_REPORT, 50, template="Clean: {report}")
@@ -897,7 +897,7 @@ def test_clean_report_falls_back_when_no_chunk_fits(agent):
 def test_build_prompts_long_report_rows_come_from_the_llm(tmp_path, llm_cfg, small_agent, monkeypatch):
     report = tmp_path / "long.txt"
     report.write_bytes(LONG_REPORT.replace("3.2 cm", "3.2 cm (5 µm sections)").encode("cp1252"))
-    prompts = real_model_then(monkeypatch, LlamaCppAgent, findings_of)
+    prompts = real_model_then(monkeypatch, Agent, findings_of)
     params = {**PARAMS, "llm": {**llm_cfg, **SMALL_CTX, "n_attributes": 3}}
     frame = build_prompts("S4", "lung", "TCGA-LUAD", str(report), params, threads=1)
     reports = frame.filter(pl.col("kind") == "report")
@@ -982,7 +982,7 @@ def test_build_prompts_with_llm_writes_llm_rows(tmp_path, llm_cfg, agent, monkey
     report.parent.mkdir()
     report.write_text(REPORTS[0])
     params = {**PARAMS, "llm": llm_cfg}
-    calls = count_calls(monkeypatch, LlamaCppAgent)
+    calls = count_calls(monkeypatch, Agent)
     frame = build_prompts("S2", "Bronchus and lung", "TCGA-LUAD", str(report), params, cache_dir=tmp_path / "cache",
                           threads=1)
     assert len(calls) == 2  # one report, one tissue
@@ -1011,7 +1011,7 @@ def test_build_prompts_llm_sources_for_usable_and_unusable_answers(tmp_path, llm
     report.write_text(REPORTS[1])
     good = {"findings": ["Mucinous adenocarcinoma invades the muscularis propria."],
             "attributes": ["extracellular mucin", "dirty necrosis", "goblet cells"]}
-    count_calls(monkeypatch, LlamaCppAgent,
+    count_calls(monkeypatch, Agent,
                 lambda self, prompt, max_tokens, schema=None: json.dumps({k: good[k] for k in schema["properties"]}))
     params = {**PARAMS, "llm": {**llm_cfg, "n_attributes": 3}}
     frame = build_prompts("S3", "colon", "TCGA-COAD", str(report), params)  # no cache_dir: not cached
@@ -1022,7 +1022,7 @@ def test_build_prompts_llm_sources_for_usable_and_unusable_answers(tmp_path, llm
         ("S3", "attribute", 1, "An H&E image of colon tissue showing dirty necrosis.", f"{tag}:attributes"),
         ("S3", "attribute", 2, "An H&E image of colon tissue showing goblet cells.", f"{tag}:attributes"),
     ]
-    monkeypatch.setattr(LlamaCppAgent, "chat", lambda self, *a, **k: "not json")
+    monkeypatch.setattr(Agent, "chat", lambda self, *a, **k: "not json")
     frame = build_prompts("S3", "colon", "TCGA-COAD", str(report), params)
     assert set(frame.filter(pl.col("kind") == "report")["source"]) == {"llm-fallback:report:r.txt"}
     assert set(frame.filter(pl.col("kind") == "attribute")["source"]) == {"llm-fallback:table:colon"}
@@ -1036,7 +1036,7 @@ def test_cli_prompts_with_llm_uses_the_cache_dir(tmp_path, llm_cfg, monkeypatch)
     report = tmp_path / "r.txt"
     report.write_text(REPORTS[0])
     view = json.dumps({"prompts": {**PARAMS, "llm": llm_cfg}})
-    calls = count_calls(monkeypatch, LlamaCppAgent, lambda *a, **k: "not json")
+    calls = count_calls(monkeypatch, Agent, lambda *a, **k: "not json")
     argv = ["prompts", "--slide-id", "S", "--tissue", "lung", "--project", "TCGA-LUAD", "--report", str(report),
             "--params-json", view, "--cache-dir", str(tmp_path / "cache"), "--flush-every", "1",
             "--out", str(tmp_path / "p.parquet")]

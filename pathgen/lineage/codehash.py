@@ -26,6 +26,10 @@ STEP_MODULES = {
 NEUTRAL = {"pathgen", "pathgen.cli", "pathgen.errors", "pathgen.config", "pathgen.lineage.codehash",
            "pathgen.store.cache", "pathgen.store.cached"}
 STEP_RESOURCES = {"prompts": ("resources/attributes.yaml",)}
+# Imports made by name at run time: the engine interface builds the engine params.yaml names, so a
+# step that uses it depends on every engine's code (pathgen.models.engine.ENGINES; a test checks).
+DYNAMIC_IMPORTS = {"pathgen.models.engine": ("pathgen.models.transformers_engine",
+                                             "pathgen.models.llama_cpp_engine", "pathgen.models.openai_engine")}
 
 
 def _module_file(module: str) -> Path | None:
@@ -61,6 +65,7 @@ def step_modules(step: str) -> list[Path]:
             continue
         files.add(path)
         todo.extend(_imports(path))
+        todo.extend(DYNAMIC_IMPORTS.get(module, ()))
     files.update(PACKAGE_DIR / r for r in STEP_RESOURCES.get(step, ()))
     return sorted(files)
 

@@ -69,15 +69,27 @@ PART_SCHEMA = {
     "summary": pl.String,
     "summary_tokens": pl.Int32,
     "summary_cut": pl.Boolean,
+    # how each text was made: engine, why generation stopped ("stop" | "length"), tokens generated
+    "describe_engine": pl.String,
+    "describe_finish": pl.String,
+    "describe_tokens": pl.Int32,
+    "revise_engine": pl.String,
+    "revise_constrained": pl.Boolean,
+    "revise_finish": pl.String,
+    "summarize_engine": pl.String,
+    "summarize_finish": pl.String,
     "describe_fingerprint": pl.String,
     "revise_fingerprint": pl.String,
     "summarize_fingerprint": pl.String,
     "image_sha256": pl.String,
 }
 
-CAPTION_COLUMNS = ("key", "slide_id", "x", "y", "description", "describe_fingerprint")
-REVISED_COLUMNS = ("key", "ops", "revised", "revise_status", "revise_fingerprint")
-SUMMARY_COLUMNS = ("key", "summary", "summary_tokens", "summary_cut", "summarize_fingerprint")
+CAPTION_COLUMNS = ("key", "slide_id", "x", "y", "description", "describe_engine", "describe_finish", "describe_tokens",
+                   "describe_fingerprint")
+REVISED_COLUMNS = ("key", "ops", "revised", "revise_status", "revise_engine", "revise_constrained", "revise_finish",
+                   "revise_fingerprint")
+SUMMARY_COLUMNS = ("key", "summary", "summary_tokens", "summary_cut", "summarize_engine", "summarize_finish",
+                   "summarize_fingerprint")
 
 
 def shard_inputs(shard: str, slide_ids: list[str], data_dir: str | Path) -> dict[str, list[Path]]:
@@ -178,6 +190,9 @@ def _pair_rows(shard: str, slides: list[SlideEntry], data_dir: Path) -> list[dic
             "summary": summ["summary"],
             "summary_tokens": summ["summary_tokens"],
             "summary_cut": summ["summary_cut"],
+            **{c: cap[c] for c in ("describe_engine", "describe_finish", "describe_tokens")},
+            **{c: rev[c] for c in ("revise_engine", "revise_constrained", "revise_finish")},
+            **{c: summ[c] for c in ("summarize_engine", "summarize_finish")},
             "describe_fingerprint": cap["describe_fingerprint"],
             "revise_fingerprint": rev["revise_fingerprint"],
             "summarize_fingerprint": summ["summarize_fingerprint"],
@@ -308,7 +323,14 @@ def dataset_metrics(manifest: pl.DataFrame, shards: list[str]) -> dict[str, Any]
         "summary_tokens_p95": r(_percentile(tokens, 95)),
         "summary_words_mean": r(_mean(summary_words)),
         "description_words_mean": r(_mean(words)),
+        "description_tokens_mean": r(_mean(manifest["describe_tokens"].cast(pl.Float64).to_numpy())),
+        # descriptions cut by describe.max_new_tokens: raise it when this is more than a few percent
+        "pct_description_truncated": r(pct(manifest["describe_finish"] == "length")),
         "pct_revised": r(pct(manifest["revise_status"] == "applied")),
+        "pct_revise_unchanged": r(pct(manifest["revise_status"] == "unchanged")),
+        "pct_revise_invalid": r(pct(manifest["revise_status"] == "invalid")),
+        "pct_revise_unconstrained": r(pct(~manifest["revise_constrained"].fill_null(False))),
+        "pct_summary_truncated": r(pct(manifest["summarize_finish"] == "length")),
         "pct_cut": r(pct(manifest["summary_cut"].fill_null(False))),
     }
 

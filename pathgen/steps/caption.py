@@ -2,7 +2,10 @@
 
 Prompt (paper, appendix C.2 (6)): "This is a histology image from the
 {source of tissue}. Describe this image in detail." Results are cached per
-(agent fingerprint, prompt, image bytes), so only new patches reach the model.
+(agent fingerprint, prompt, image bytes), so only new patches reach the
+model, and a shard whose patches are all cached never loads it. Each row
+records how its description was made: the engine, why generation stopped
+(`stop`, or `length` when `describe.max_new_tokens` cut it) and token counts.
 """
 
 from __future__ import annotations
@@ -12,14 +15,17 @@ from typing import Any
 
 import polars as pl
 
-from pathgen.models.lmm import LlavaAgent
+from pathgen.models.engine import Agent, Request
+from pathgen.models.fingerprint import hash_store
 from pathgen.store.cache import ItemCache
-from pathgen.store.cached import cached_map
+from pathgen.store.cached import cached_answers
 from pathgen.store.io import write_parquet
 from pathgen.store.patch_tars import Patch, shard_patches
 
 CAPTION_SCHEMA = {"key": pl.String, "slide_id": pl.String, "x": pl.Int64, "y": pl.Int64, "tissue": pl.String,
-                  "prompt": pl.String, "description": pl.String, "describe_fingerprint": pl.String}
+                  "prompt": pl.String, "description": pl.String, "describe_engine": pl.String,
+                  "describe_finish": pl.String, "describe_prompt_tokens": pl.Int32, "describe_tokens": pl.Int32,
+                  "describe_fingerprint": pl.String}
 
 
 def describe_prompt(template: str, tissue: str) -> str:
@@ -27,16 +33,12 @@ def describe_prompt(template: str, tissue: str) -> str:
     return template.format(tissue=tissue)
 
 
-def caption_patches(patches: list[Patch], agent: LlavaAgent, cache: ItemCache, settings: dict[str, Any]) -> pl.DataFrame:
+def caption_patches(patches: list[Patch], agent: Agent, cache: ItemCache, settings: dict[str, Any]) -> pl.DataFrame:
     """Descriptions of `patches` (model called only for cache misses)."""
     prompts = [describe_prompt(settings["prompt"], p.tissue) for p in patches]
     payloads = [prompt.encode() + b"\0" + p.image for prompt, p in zip(prompts, patches)]
-
-    def compute(batch: list[int]) -> list[dict[str, str]]:
-        answers = agent.generate([patches[i].image for i in batch], [prompts[i] for i in batch])
-        return [{"text": a} for a in answers]
-
-    results = cached_map(cache, payloads, compute, settings["batch_size"])
+    results = cached_answers(cache, payloads,
+                             lambda i: Request(prompts[i], settings["max_new_tokens"], image=patches[i].image), agent)
     return pl.DataFrame(
         {
             "key": [p.key for p in patches],
@@ -46,6 +48,10 @@ def caption_patches(patches: list[Patch], agent: LlavaAgent, cache: ItemCache, s
             "tissue": [p.tissue for p in patches],
             "prompt": prompts,
             "description": [r["text"] for r in results],
+            "describe_engine": [agent.engine_name] * len(patches),
+            "describe_finish": [r["finish"] for r in results],
+            "describe_prompt_tokens": [r["prompt_tokens"] for r in results],
+            "describe_tokens": [r["completion_tokens"] for r in results],
             "describe_fingerprint": [agent.fingerprint] * len(patches),
         },
         schema=CAPTION_SCHEMA,
@@ -53,11 +59,12 @@ def caption_patches(patches: list[Patch], agent: LlavaAgent, cache: ItemCache, s
 
 
 def run_caption(patch_tars: list[str], slides: list[dict[str, Any]], settings: dict[str, Any], cache_dir: str | Path,
-                flush_every: int, out: str | Path) -> dict[str, int]:
-    """The caption step for one shard; returns the cache counters."""
+                flush_every: int, out: str | Path, threads: int | None = None,
+                log_dir: str | Path | None = None) -> dict[str, Any]:
+    """The caption step for one shard; returns the job's counters (cache and engine)."""
     patches = shard_patches(patch_tars, slides)
-    agent = LlavaAgent(settings["checkpoint"], settings, "describe")
-    with ItemCache(cache_dir, "describe", agent.fingerprint, flush_every) as cache:
+    with Agent("describe", settings, threads=threads, log_dir=log_dir, hash_store=hash_store(cache_dir)) as agent, \
+            ItemCache(cache_dir, "describe", agent.fingerprint, flush_every) as cache:
         frame = caption_patches(patches, agent, cache, settings)
     write_parquet(frame, out)
-    return cache.stats.as_dict()
+    return {"items": frame.height, **cache.stats.as_dict(), **agent.stats.as_dict()}

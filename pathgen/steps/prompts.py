@@ -61,7 +61,8 @@ from typing import Any
 import polars as pl
 
 from pathgen.errors import ConfigError, ReportError
-from pathgen.models.llm import LlamaCppAgent
+from pathgen.models.engine import Agent
+from pathgen.models.fingerprint import hash_store
 from pathgen.store.cache import ItemCache
 from pathgen.store.io import write_parquet
 from pathgen.text.attributes import GENERIC, AttributeTable, load_attribute_table, resolve_site
@@ -323,6 +324,8 @@ LLM_KEYS = ("checkpoint", "clean_prompt", "attributes_prompt", "n_attributes", "
 # prompt templates are not in it; each item's cache payload is the full prompt text instead,
 # so editing one template re-asks only the prompts made from it.
 GENERATION_KEYS = ("max_tokens", "temperature", "seed", "n_ctx")
+# Optional: the engine (llama_cpp, or openai for a served text model) and its settings.
+ENGINE_KEYS = {"engine": "llama_cpp", "n_gpu_layers": 0, "openai": None}
 CACHE_AGENT = "prompts"
 FINDINGS_SCHEMA = {
     "type": "object",
@@ -366,10 +369,15 @@ def fill_template(template: str, values: dict[str, str]) -> str:
     return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
 
 
-def make_llm_agent(llm: dict[str, Any], threads: int | None = None) -> LlamaCppAgent:
-    """The text agent of `prompts.llm` (checked by `prompt_params`); ModelError if the GGUF cannot be loaded."""
-    settings = {key: llm[key] for key in GENERATION_KEYS}
-    return LlamaCppAgent(llm["checkpoint"], settings, "prompts", threads=threads)
+def make_llm_agent(llm: dict[str, Any], threads: int | None = None, cache_dir: str | os.PathLike | None = None,
+                   log_dir: str | os.PathLike | None = None) -> Agent:
+    """The text agent of `prompts.llm` (checked by `prompt_params`), loaded on its first uncached call."""
+    settings = {"checkpoint": llm["checkpoint"], **{key: llm[key] for key in GENERATION_KEYS},
+                **{key: llm.get(key, default) for key, default in ENGINE_KEYS.items()}}
+    if settings["openai"] is None:
+        del settings["openai"]
+    return Agent("prompts", settings, threads=threads, log_dir=log_dir,
+                 hash_store=hash_store(cache_dir) if cache_dir is not None else None)
 
 
 def _parse_list(answer: str, key: str) -> list[Any] | None:
@@ -383,7 +391,7 @@ def _parse_list(answer: str, key: str) -> list[Any] | None:
     return obj[key]
 
 
-def _ask_list(agent: LlamaCppAgent, cache: ItemCache | None, prompt: str, schema: dict[str, Any],
+def _ask_list(agent: Agent, cache: ItemCache | None, prompt: str, schema: dict[str, Any],
               key: str) -> tuple[list[Any] | None, str | None]:
     """(the answer's raw list, None), or (None, why there is none). Cached per prompt text.
 
@@ -421,11 +429,10 @@ def estimate_tokens(text: str) -> int:
 
 
 def token_counter(agent: Any) -> Callable[[str], int]:
-    """How `agent` counts a text's tokens: its llama.cpp tokenizer (no BOS), else `estimate_tokens`."""
-    tokenize = getattr(getattr(agent, "llm", None), "tokenize", None)
-    if callable(tokenize):
-        return lambda text: len(tokenize(text.encode("utf-8"), add_bos=False, special=False))
-    return estimate_tokens
+    """How `agent` counts a text's tokens: its engine's tokenizer (no BOS; llama.cpp reads only the GGUF's
+    vocabulary for it, not the weights), else `estimate_tokens`."""
+    counter = agent.token_counter() if hasattr(agent, "token_counter") else None
+    return counter if counter is not None else estimate_tokens
 
 
 def prompt_budget(agent: Any) -> int | None:
@@ -504,7 +511,7 @@ def report_chunks(agent: Any, report_text: str, max_words: int = DEFAULT_MAX_WOR
 
 
 def clean_report(
-    agent: LlamaCppAgent,
+    agent: Agent,
     cache: ItemCache | None,
     report_text: str,
     max_words: int = DEFAULT_MAX_WORDS,
@@ -557,7 +564,7 @@ def _clean_attribute(item: Any) -> str:
 
 
 def llm_attributes(
-    agent: LlamaCppAgent,
+    agent: Agent,
     cache: ItemCache | None,
     tissue: str,
     project: str | None,
@@ -609,9 +616,12 @@ def _check_llm(llm: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(llm, dict):
         raise ConfigError(f"{where} must be null or a mapping with keys {', '.join(LLM_KEYS)}, got {llm!r}")
-    unknown = sorted(map(str, set(llm) - set(LLM_KEYS)))
+    known = (*LLM_KEYS, *ENGINE_KEYS)
+    unknown = sorted(map(str, set(llm) - set(known)))
     if unknown:
-        raise ConfigError(f"{where} has unknown keys: {', '.join(unknown)} (known: {', '.join(LLM_KEYS)})")
+        raise ConfigError(f"{where} has unknown keys: {', '.join(unknown)} (known: {', '.join(known)})")
+    if llm.get("engine", "llama_cpp") not in ("llama_cpp", "openai"):
+        raise ConfigError(f"{where}.engine must be llama_cpp or openai, got {llm['engine']!r}")
     missing = [key for key in LLM_KEYS if key not in llm]
     if missing:
         raise ConfigError(f"{where} lacks the keys: {', '.join(missing)}")
@@ -711,7 +721,7 @@ def build_prompts(
             report_sources = [name + report_note] * len(report_parts)
         attributes, attribute_source = list(table.attributes(site)), f"table:{site}"
     else:
-        agent = make_llm_agent(llm, threads)
+        agent = make_llm_agent(llm, threads, cache_dir)
         tag = f"llm:{agent.fingerprint[:12]}"
         cache = ItemCache(cache_dir, CACHE_AGENT, agent.fingerprint, flush_every) if cache_dir is not None else None
         try:
@@ -732,9 +742,11 @@ def build_prompts(
                 log.warning("prompts %s: attributes of %r from the table: %s", slide_id, label, attributes.reason)
             attribute_source = f"llm-fallback:table:{site}" if attributes.fallback else f"{tag}:attributes"
         finally:
+            agent.close()
             if cache is not None:
                 cache.close()
-                log.info("prompts %s: cache %s", slide_id, cache.stats.as_dict())
+                log.info("prompts %s: cache %s, model loaded: %s", slide_id, cache.stats.as_dict(),
+                         agent.stats.loaded)
 
     for i, (part, source) in enumerate(zip(report_parts, report_sources, strict=True)):
         rows.append((slide_id, "report", i, part, source))

@@ -1,4 +1,4 @@
-"""Run a model over items, calling it only for the items the cache does not hold."""
+"""Ask an agent only for the items the cache does not hold."""
 
 from __future__ import annotations
 
@@ -8,15 +8,16 @@ from typing import Any
 from pathgen.store.cache import ItemCache
 
 
-def cached_map(cache: ItemCache, payloads: Sequence[bytes], compute: Callable[[list[int]], list[Any]],
-               batch_size: int) -> list[Any]:
-    """Results for every payload: cached ones read back, the rest computed by `compute`
-    (called with batches of item indices, in order) and stored as they come."""
+def cached_answers(cache: ItemCache, payloads: Sequence[bytes], requests: Callable[[int], Any],
+                   agent: Any) -> list[dict[str, Any]]:
+    """The answer record for every payload: cached ones read back, the rest asked of `agent`
+    (`requests(i)` builds item i's request; only misses are built and sent) and stored as each
+    answer arrives, so a job killed mid-shard keeps what it had finished."""
     results = cache.get_many(list(payloads))
     missing = [i for i, value in enumerate(results) if value is None]
-    for start in range(0, len(missing), batch_size):
-        batch = missing[start : start + batch_size]
-        for index, value in zip(batch, compute(batch), strict=True):
-            results[index] = value
-            cache.put(payloads[index], value)
+    if missing:
+        for j, answer in agent.stream([requests(i) for i in missing]):
+            record = answer.record()
+            results[missing[j]] = record
+            cache.put(payloads[missing[j]], record)
     return results
