@@ -10,7 +10,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 CORES ?= all
 
-.PHONY: setup demo test models demo-data bench clean
+.PHONY: setup demo test models demo-data bench clean vllm-env
 
 # pip resolves the pinned set from pyproject.toml; torch/torchvision are pinned there.
 $(VENV)/.installed: pyproject.toml
@@ -41,6 +41,16 @@ test: setup
 bench: demo
 	$(BIN)/python bench/embed.py
 	$(BIN)/python bench/agents.py
+
+# vLLM (the openai engine's server on GPU nodes) lives in its own environment: vllm 0.33.0 pins
+# torch==2.14.0 and transformers<5.21, which conflict with the pins above (README "Serving engines").
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet "vllm==0.33.0"
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
 
 clean:
 	rm -rf data/tiles data/embeddings data/prompts data/selection data/patches logs .snakemake

@@ -228,6 +228,15 @@ def cmd_import_pathgen(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2, sort_keys=True))
 
 
+def cmd_throughput(args: argparse.Namespace) -> None:
+    import json
+
+    from pathgen.reporting.throughput import format_throughput, step_throughput
+
+    rows = step_throughput(args.logs)
+    print(json.dumps(rows, indent=2, sort_keys=True) if args.json else format_throughput(rows))
+
+
 def cmd_cache(args: argparse.Namespace) -> None:
     from pathgen.store import cache
 
@@ -478,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", help="build in this (empty) directory and keep it, instead of a temporary one")
     p.add_argument("--remote", help="pull the tracked inputs from this DVC remote instead of the local cache")
     p.set_defaults(func=cmd_audit, log=None)
+
+    p = sub.add_parser("throughput", help="items/s, cache hits and token counts of the model steps' jobs")
+    p.add_argument("--logs", default="logs", help="the run's log directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_throughput)
 
     p = sub.add_parser("diff", help="compare two versions of the dataset (pairs added, removed, caption changed)")
     p.add_argument("rev_a", nargs="?", default="HEAD", metavar="REV_A",

@@ -77,8 +77,18 @@ def test_demo_builds_through_patches_to_the_dataset(built_demo):
     assert sorted(sizes) == ["00000.tar", "00001.tar"]  # 3 slides, 2 per shard
     assert manifest["key"].is_unique().all()
     assert (manifest["summary"].str.len_chars() > 0).all()
-    assert set(manifest["revise_status"]) <= {"applied", "unchanged", "invalid"}
+    # revise answers are decoded under their schema: every one applies (or is []), some change the text
+    assert "applied" in set(manifest["revise_status"]) and set(manifest["revise_status"]) <= {"applied", "unchanged"}
+    assert manifest["revise_constrained"].all() and set(manifest["revise_engine"]) == {"transformers"}
+    applied = manifest.filter(pl.col("revise_status") == "applied")
+    assert (applied["revised"] != applied["description"]).all() and (applied["ops"] != "[]").all()
+    assert set(manifest["describe_finish"]) <= {"stop", "length"} and (manifest["describe_tokens"] > 0).all()
     metrics = json.loads((built_demo / "data/dataset/metrics.json").read_text())
+    assert metrics["pct_revise_invalid"] == 0.0 and metrics["pct_revised"] > 0
+    truncated = 100 * (manifest["describe_finish"] == "length").sum() / manifest.height
+    assert metrics["pct_description_truncated"] == pytest.approx(truncated)
+    throughput = json.loads((built_demo / "logs/throughput.json").read_text())
+    assert {throughput[s]["items"] for s in ("caption", "revise", "summarize")} == {manifest.height}
     assert metrics["pairs"] == manifest.height and metrics["slides"] == 3
     samples = list(wds.WebDataset(str(built_demo / "data/dataset/00000.tar"), shardshuffle=False))
     assert len(samples) == sizes["00000.tar"]

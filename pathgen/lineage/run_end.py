@@ -1,6 +1,7 @@
 """What the workflow says when a run ends (Snakemake's onsuccess / onerror handlers in the Snakefile).
 
-On success: the quarantined slides. On error: the same, and then the dataset
+On success: the quarantined slides, and the model steps' throughput
+(logs/throughput.json: machine-dependent, so never part of the dataset). On error: the same, and then the dataset
 is assembled from the shards whose jobs all completed, the others named as
 incomplete (failures.tsv, metrics.json `complete: false`). So a failed run
 never leaves the previous build's `data/dataset/` beside outputs of the new
@@ -53,10 +54,17 @@ def incomplete_shards(jobs: list[Any], shards: dict[str, list[str]]) -> dict[str
     return {shard: why for shard, (_, why) in sorted(stopped.items())}
 
 
-def on_success(slide_ids: list[str]) -> None:
+def on_success(slide_ids: list[str], log_root: str = "logs") -> None:
+    from pathgen.reporting.throughput import format_throughput, step_throughput
+    from pathgen.store.io import write_json
+
     summary = run_summary(slide_ids)
     if summary:
         print(summary, file=sys.stderr)
+    rows = step_throughput(log_root)
+    if rows:
+        write_json(rows, f"{log_root}/throughput.json")
+        print(format_throughput(rows), file=sys.stderr)
 
 
 def on_error(workflow: Any, shards: dict[str, list[str]], slide_ids: list[str]) -> None:
