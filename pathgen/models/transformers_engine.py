@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
 import transformers
 from PIL import Image
@@ -50,7 +51,7 @@ class TransformersEngine(Engine):
                 self.checkpoint, local_files_only=True,
                 dtype=torch.float16 if self.device.type == "cuda" else torch.float32,
             ).to(self.device).eval()
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, safetensors.SafetensorError) as exc:
             raise ModelError(f"cannot load {what} checkpoint {self.checkpoint} as LLaVA: {exc}") from None
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
