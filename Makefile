@@ -40,7 +40,7 @@ test: setup
 
 bench: demo
 	$(BIN)/python bench/embed.py
-	$(BIN)/python bench/agents.py
+	$(BIN)/python bench/engines.py
 
 # vLLM (the openai engine's server on GPU nodes) lives in its own environment: vllm 0.33.0 pins
 # torch==2.14.0 and transformers<5.21, which conflict with the pins above (README "Serving engines").
