@@ -47,8 +47,12 @@ def planned_jobs(cwd: Path) -> dict[str, int]:
     return counts
 
 
-# Smaller generation budgets keep the suite's model time down; every code path stays the same.
-TEST_PARAMS = {"describe": {"max_new_tokens": 32}, "revise": {"max_new_tokens": 32}, "summarize": {"max_tokens": 48}}
+# Smaller generation budgets keep the suite's model time down; every code path stays the same. Revise keeps
+# room for every answer its (smaller) schema admits, so constrained answers are never cut: 2 ops of at most
+# 2 * 80 characters + JSON fit in 384 tokens.
+TEST_PARAMS = {"describe": {"max_new_tokens": 32},
+               "revise": {"max_new_tokens": 384, "max_ops": 2, "max_sentence_chars": 80},
+               "summarize": {"max_tokens": 48}}
 
 
 def copy_project(dest: Path) -> Path:

@@ -27,6 +27,7 @@ import jsonschema
 import pytest
 from PIL import Image
 
+from servers import OFFLINE, alive, start, stop, wait_gone
 from pathgen.errors import ModelError
 from pathgen.models.engine import Agent, Request
 from pathgen.models.openai_engine import OpenAIEngine
@@ -34,7 +35,6 @@ from pathgen.models.server import format_command, free_port, launch_server, port
 from pathgen.store.io import encode_jpeg
 
 BIN = Path(sys.executable).parent
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
 LLAMA_SERVER = "{python} -m llama_cpp.server --model {checkpoint} --host {host} --port {port} --n_ctx 2048"
 # Bounded strings and item counts: a random model's constrained answer always closes within max_tokens.
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["tissue", "findings"],
@@ -42,52 +42,6 @@ SCHEMA = {"type": "object", "additionalProperties": False, "required": ["tissue"
                          "findings": {"type": "array", "maxItems": 2, "items": {"type": "string", "maxLength": 16}}}}
 PROMPTS = ["This is a histology image from the lung. Describe this image in detail.", "Describe.",
            "This is a histology image from the colon. Describe this image in detail. Please.", "What is it?"]
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` is a live process (a zombie awaiting its parent counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def wait_gone(pid: int, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not alive(pid)
-
-
-def start(argv: list[str], log: Path, port: int, timeout: float = 120.0) -> subprocess.Popen:
-    """A server started the way a user would (not by the engine), once it answers."""
-    env = dict(os.environ, **OFFLINE)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        for path in ("/health", "/v1/models"):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-                    if r.status == 200:
-                        return proc
-            except OSError:
-                pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"{argv} not ready: {log.read_text()}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

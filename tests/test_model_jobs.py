@@ -21,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import polars as pl
@@ -29,6 +28,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from servers import OFFLINE, start, stop, wait_gone
 from pathgen.cli import main
 from pathgen.models.server import free_port
 from pathgen.steps.revise import apply_ops, parse_ops, revise_prompt
@@ -38,7 +38,6 @@ from pathgen.store.patch_tars import member_name, shard_patches
 from pathgen.store.shards import pair_key
 
 BIN = Path(sys.executable).parent
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
 SHARD = "00000"
 SECTION = {"caption": "describe", "revise": "revise", "summarize": "summarize"}  # each step's params
 SLIDES = [{"slide_id": "S1", "tissue": "lung", "project": ""}, {"slide_id": "S2", "tissue": "colon", "project": ""}]
@@ -47,55 +46,6 @@ PID_WRAPPER = "bash -c 'echo $$ > \"$0\"; exec \"$@\"' {pidfile} "
 LLAMA_SERVER = "{python} -m llama_cpp.server --model {checkpoint} --host {host} --port {port} --n_ctx 2048"
 LLAMA_OPENAI = {"response_format": "json_object", "extra_body": {"repeat_penalty": 1.0}, "max_retries": 1,
                 "timeout_s": 60, "startup_timeout_s": 120}
-
-
-# --- helpers (as in test_engines_server) ------------------------------------------------------
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` is a live process (a zombie awaiting its parent counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def wait_gone(pid: int, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not alive(pid)
-
-
-def start(argv: list[str], log: Path, port: int, timeout: float = 120.0) -> subprocess.Popen:
-    """A server started the way a user would (not by the engine), once it answers."""
-    env = dict(os.environ, **OFFLINE)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        for path in ("/health", "/v1/models"):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
-                    if r.status == 200:
-                        return proc
-            except OSError:
-                pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"{argv} not ready: {log.read_text()}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def job_argv(step: str, settings: dict, inputs: list[str], work: Path, name: str, cache: Path,
