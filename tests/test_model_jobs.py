@@ -31,7 +31,7 @@ from conftest import ROOT
 from servers import OFFLINE, start, stop, wait_gone
 from pathgen.cli import main
 from pathgen.models.server import free_port
-from pathgen.steps.revise import apply_ops, parse_ops, revise_prompt
+from pathgen.steps.revise import apply_ops, ops_schema, parse_ops, revise_payload, revise_prompt
 from pathgen.store.cache import ItemCache
 from pathgen.store.io import encode_jpeg, write_parquet, write_tar
 from pathgen.store.patch_tars import member_name, shard_patches
@@ -206,7 +206,8 @@ def test_revise_through_transformers_serve_applies_exactly_its_unconstrained_ans
     images = {p.key: p.image for p in shard_patches(shard["tars"], SLIDES)}
     answers = ItemCache(cache, "revise", served["revise_fingerprint"][0])
     for row in served.iter_rows(named=True):
-        payload = revise_prompt(settings["prompt"], row["description"]).encode() + b"\0" + images[row["key"]]
+        schema = ops_schema(row["description"], settings["max_ops"], settings["max_sentence_chars"])
+        payload = revise_payload(revise_prompt(settings["prompt"], row["description"]), schema, images[row["key"]])
         answer = answers.get(payload)
         assert answer is not None and answer["constrained"] is False
         revised, status, applied = apply_ops(row["description"], parse_ops(answer["text"]))

@@ -393,13 +393,15 @@ def _parse_list(answer: str, key: str) -> list[Any] | None:
 
 def _ask_list(agent: Agent, cache: ItemCache | None, prompt: str, schema: dict[str, Any],
               key: str) -> tuple[list[Any] | None, str | None]:
-    """(the answer's raw list, None), or (None, why there is none). Cached per prompt text.
+    """(the answer's raw list, None), or (None, why there is none). Cached per prompt text and schema.
 
     The cached value is the raw list, or the answer text itself when it is not
     the JSON asked for (greedy decoding would give the same again). The cache
     must belong to the agent's fingerprint, which covers max_tokens.
     """
-    value = cache.get(prompt) if cache is not None else None
+    # The schema constrains the answer, so it is part of the item's payload.
+    payload = prompt + "\0" + json.dumps(schema, sort_keys=True)
+    value = cache.get(payload) if cache is not None else None
     if value is None:
         try:
             answer = agent.chat(prompt, agent.settings.get("max_tokens", DEFAULT_LLM_MAX_TOKENS), schema=schema)
@@ -408,7 +410,7 @@ def _ask_list(agent: Agent, cache: ItemCache | None, prompt: str, schema: dict[s
         parsed = _parse_list(answer, key)
         value = parsed if parsed is not None else answer
         if cache is not None:
-            cache.put(prompt, value)
+            cache.put(payload, value)
     if isinstance(value, list):
         return value, None
     shown = value if isinstance(value, str) else json.dumps(value)

@@ -123,6 +123,11 @@ def revise_prompt(template: str, description: str) -> str:
     return template.replace("{description}", description)
 
 
+def revise_payload(prompt: str, schema: dict[str, Any], image: bytes) -> bytes:
+    """An item's cache payload: the prompt, the schema that constrains the answer, the image bytes."""
+    return prompt.encode() + b"\0" + json.dumps(schema, sort_keys=True).encode() + b"\0" + image
+
+
 def run_revise(patch_tars: list[str], slides: list[dict[str, Any]], captions_path: str | Path,
                settings: dict[str, Any], cache_dir: str | Path, flush_every: int, out: str | Path,
                threads: int | None = None, log_dir: str | Path | None = None) -> dict[str, Any]:
@@ -134,11 +139,11 @@ def run_revise(patch_tars: list[str], slides: list[dict[str, Any]], captions_pat
         raise PathgenError(f"{captions_path}: {len(missing)} caption(s) without a patch, e.g. '{missing[0]}'")
     keys, descriptions = captions["key"].to_list(), captions["description"].to_list()
     prompts = [revise_prompt(settings["prompt"], d) for d in descriptions]
-    payloads = [prompt.encode() + b"\0" + images[k] for prompt, k in zip(prompts, keys)]
+    schemas = [ops_schema(d, settings["max_ops"], settings["max_sentence_chars"]) for d in descriptions]
+    payloads = [revise_payload(prompt, schema, images[k]) for prompt, schema, k in zip(prompts, schemas, keys)]
 
     def request(i: int) -> Request:
-        schema = ops_schema(descriptions[i], settings["max_ops"], settings["max_sentence_chars"])
-        return Request(prompts[i], settings["max_new_tokens"], image=images[keys[i]], schema=schema)
+        return Request(prompts[i], settings["max_new_tokens"], image=images[keys[i]], schema=schemas[i])
 
     with Agent("revise", settings, threads=threads, log_dir=log_dir, hash_store=hash_store(cache_dir)) as agent, \
             ItemCache(cache_dir, "revise", agent.fingerprint, flush_every) as cache:
