@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
 
@@ -57,3 +60,40 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def serve_llava(model_dir: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """`transformers serve <LLaVA dir>` on a free port, as a user starts it: (process, base URL)."""
+    from pathgen.models.server import free_port
+
+    port = free_port()
+    binary = Path(sys.executable).parent / "transformers"
+    proc = start([str(binary), "serve", str(model_dir), "--port", str(port), "--device", "cpu"], log, port)
+    return proc, f"http://127.0.0.1:{port}/v1"
+
+
+def serve_gguf(gguf: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    """llama.cpp's server (`python -m llama_cpp.server`) for a GGUF on a free port: (process, base URL)."""
+    from pathgen.models.server import free_port
+
+    port = free_port()
+    proc = start([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
+                  "--n_ctx", "2048"], log, port)
+    return proc, f"http://127.0.0.1:{port}/v1"
+
+
+# Module-scoped fixtures (import them into a test module); each needs the module's `models` fixture:
+# {"llava": tiny LLaVA directory, "gguf": tiny GGUF file}.
+@pytest.fixture(scope="module")
+def transformers_serve(models, tmp_path_factory):
+    """`transformers serve <tiny llava>`: the URL and the model name it answers to (the path it was given)."""
+    proc, url = serve_llava(models["llava"], tmp_path_factory.mktemp("ts") / "serve.log")
+    yield url, str(models["llava"])
+    stop(proc)
+
+
+@pytest.fixture(scope="module")
+def llama_server(models, tmp_path_factory):
+    proc, url = serve_gguf(models["gguf"], tmp_path_factory.mktemp("lc") / "server.log")
+    yield url
+    stop(proc)

@@ -27,7 +27,7 @@ import jsonschema
 import pytest
 from PIL import Image
 
-from servers import OFFLINE, alive, start, stop, wait_gone
+from servers import OFFLINE, alive, llama_server, start, stop, transformers_serve, wait_gone  # noqa: F401 (fixtures)
 from pathgen.errors import ModelError
 from pathgen.models.engine import Agent, Request
 from pathgen.models.openai_engine import OpenAIEngine
@@ -56,27 +56,6 @@ def models(tmp_path_factory):
 def images():
     return [encode_jpeg(Image.new("RGB", (672, 672), colour), 90)
             for colour in [(200, 90, 160), (90, 40, 140), (240, 200, 220), (150, 60, 120)]]
-
-
-@pytest.fixture(scope="module")
-def transformers_serve(models, tmp_path_factory):
-    """`transformers serve <tiny llava>`: the URL and the model name it answers to (the path it was given)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("ts") / "serve.log"
-    proc = start([str(BIN / "transformers"), "serve", str(models["llava"]), "--port", str(port),
-                  "--device", "cpu"], log, port)
-    yield f"http://127.0.0.1:{port}/v1", str(models["llava"])
-    stop(proc)
-
-
-@pytest.fixture(scope="module")
-def llama_server(models, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("lc") / "server.log"
-    proc = start([sys.executable, "-m", "llama_cpp.server", "--model", str(models["gguf"]), "--port", str(port),
-                  "--n_ctx", "2048"], log, port)
-    yield f"http://127.0.0.1:{port}/v1"
-    stop(proc)
 
 
 def llama_settings(gguf: Path, **openai) -> dict:

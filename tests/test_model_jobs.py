@@ -28,9 +28,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from servers import OFFLINE, start, stop, wait_gone
+from servers import OFFLINE, llama_server, stop, transformers_serve, wait_gone  # noqa: F401 (fixtures)
 from pathgen.cli import main
-from pathgen.models.server import free_port
 from pathgen.steps.revise import apply_ops, ops_schema, parse_ops, revise_payload, revise_prompt
 from pathgen.store.cache import ItemCache
 from pathgen.store.io import encode_jpeg, write_parquet, write_tar
@@ -124,27 +123,6 @@ def params(models):
               "max_ops": 2, "max_sentence_chars": 24}
     summarize = {**base["summarize"], "checkpoint": str(models["gguf"]), "max_tokens": 48}
     return {"describe": describe, "revise": revise, "summarize": summarize}
-
-
-@pytest.fixture(scope="module")
-def transformers_serve(models, tmp_path_factory):
-    """`transformers serve <tiny llava>`: the URL and the model name it answers to (the path it was given)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("ts") / "serve.log"
-    proc = start([str(BIN / "transformers"), "serve", str(models["llava"]), "--port", str(port),
-                  "--device", "cpu"], log, port)
-    yield f"http://127.0.0.1:{port}/v1", str(models["llava"])
-    stop(proc)
-
-
-@pytest.fixture(scope="module")
-def llama_server(models, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("lc") / "server.log"
-    proc = start([sys.executable, "-m", "llama_cpp.server", "--model", str(models["gguf"]), "--port", str(port),
-                  "--n_ctx", "2048"], log, port)
-    yield f"http://127.0.0.1:{port}/v1"
-    stop(proc)
 
 
 @pytest.fixture(scope="module")
