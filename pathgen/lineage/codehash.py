@@ -24,7 +24,7 @@ STEP_MODULES = {
 # Plumbing that cannot change output bytes: command line, error classes, params validation, and the
 # item cache (keyed by content: its code decides what is stored and found, not what a model makes).
 NEUTRAL = {"pathgen", "pathgen.cli", "pathgen.errors", "pathgen.config", "pathgen.lineage.codehash",
-           "pathgen.store.cache", "pathgen.store.cached"}
+           "pathgen.store.cache", "pathgen.store.cached", "pathgen.store.shutdown"}
 STEP_RESOURCES = {"prompts": ("resources/attributes.yaml",)}
 # Imports made by name at run time: the engine interface builds the engine params.yaml names, so a
 # step that uses it depends on every engine's code (pathgen.models.engine.ENGINES; a test checks).

@@ -20,7 +20,6 @@ SIGKILL leaves no server behind either.
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import os
 import shlex
@@ -35,9 +34,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from pathgen.errors import ModelError
+from pathgen.store.shutdown import on_shutdown
 
 HOST = "127.0.0.1"
 STOP_GRACE_S = 5.0      # SIGTERM, then this long, then SIGKILL
@@ -227,7 +226,7 @@ def launch_server(template: str, checkpoint: str | Path, model: str, what: str,
         fd, name = tempfile.mkstemp(prefix=f"{what}-server-", suffix=".log")
         os.close(fd)
         log_path = Path(name)
-    _install_handlers()
+    on_shutdown(stop_all)
     with open(log_path, "ab") as log:
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -243,54 +242,16 @@ def launch_server(template: str, checkpoint: str | Path, model: str, what: str,
 # --- stopping launched servers at exit and on SIGTERM ------------------------------
 
 _LIVE: dict[int, Server] = {}
-_ATEXIT_REGISTERED = False
-_SIGTERM_INSTALLED = False
-_PREVIOUS_SIGTERM: Any = None
 
 
-def stop_all() -> int:
-    """Stop every server this process launched and has not stopped; how many."""
-    stopped = 0
-    for server in list(_LIVE.values()):
-        if server.owner_pid == os.getpid():
-            try:
-                server.stop(grace_s=2.0)
-                stopped += 1
-            except Exception as exc:  # at exit or in a signal handler: report, never mask the exit
-                print(f"pathgen.models.server: could not stop {server.argv[0]} (pid {server.pid}): {exc}",
-                      file=sys.stderr)
-    return stopped
-
-
-def _install_handlers() -> None:
-    global _ATEXIT_REGISTERED, _SIGTERM_INSTALLED, _PREVIOUS_SIGTERM
-    if not _ATEXIT_REGISTERED:
-        atexit.register(stop_all)
-        _ATEXIT_REGISTERED = True
-    # Signal handlers can only be set from the main thread; a later launch from there installs it.
-    if not _SIGTERM_INSTALLED and threading.current_thread() is threading.main_thread():
-        previous = signal.getsignal(signal.SIGTERM)
-        _SIGTERM_INSTALLED = True
-        if previous is signal.SIG_IGN:
-            return  # the process chose to ignore SIGTERM: leave it so (atexit still stops the servers)
-        _PREVIOUS_SIGTERM = previous
-        signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    """Stop launched servers, then hand over to the handler installed before this one (or die by the signal).
-
-    A handler installed after this one (the item cache's) calls this one as its
-    previous handler, so whichever came first, both run.
-    """
-    active = any(s.owner_pid == os.getpid() for s in _LIVE.values())
-    stop_all()
-    previous = _PREVIOUS_SIGTERM
-    if callable(previous):
-        previous(signum, frame)
-        if active:  # its server is gone: the job cannot go on
-            raise SystemExit(128 + signum)
-        return
-    # The default action: die by the signal itself so the scheduler sees a SIGTERM death.
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+def stop_all() -> bool:
+    """Stop every server this process launched and has not stopped; whether there was any (run at exit
+    and on SIGTERM through pathgen.store.shutdown, with the item caches' flush)."""
+    mine = [server for server in list(_LIVE.values()) if server.owner_pid == os.getpid()]
+    for server in mine:
+        try:
+            server.stop(grace_s=2.0)
+        except Exception as exc:  # at exit or in a signal handler: report, never mask the exit
+            print(f"pathgen.models.server: could not stop {server.argv[0]} (pid {server.pid}): {exc}",
+                  file=sys.stderr)
+    return bool(mine)

@@ -35,14 +35,12 @@ it indexed and `compact` keeps the smallest line: both are valid results.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import heapq
 import json
 import os
 import re
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -53,6 +51,7 @@ from typing import IO, Any
 
 from pathgen.errors import PathgenError
 from pathgen.store.io import temp_sibling, write_bytes
+from pathgen.store.shutdown import on_shutdown
 
 FINGERPRINT_FILE = "fingerprint.txt"
 SEGMENT_GLOB = "seg-*.jsonl"
@@ -510,55 +509,22 @@ class ItemCache:
 
 # Open caches, held strongly so that an unclosed cache is still flushed at exit.
 _OPEN: dict[int, ItemCache] = {}
-_ATEXIT_REGISTERED = False
-_SIGTERM_INSTALLED = False
-_PREVIOUS_SIGTERM: Any = None
 
 
 def _register(cache: ItemCache) -> None:
-    global _ATEXIT_REGISTERED, _SIGTERM_INSTALLED, _PREVIOUS_SIGTERM
     _OPEN[id(cache)] = cache
-    if not _ATEXIT_REGISTERED:
-        atexit.register(_flush_open_caches)
-        _ATEXIT_REGISTERED = True
-    # Signal handlers can only be set from the main thread; a later cache made there installs it.
-    if not _SIGTERM_INSTALLED and threading.current_thread() is threading.main_thread():
-        previous = signal.getsignal(signal.SIGTERM)
-        _SIGTERM_INSTALLED = True
-        if previous is signal.SIG_IGN:
-            return  # the process chose to ignore SIGTERM: leave it so
-        _PREVIOUS_SIGTERM = previous
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    on_shutdown(_flush_open_caches)
 
 
-def _flush_open_caches() -> int:
-    """Flush every open cache of this process (not of a parent it was forked from); how many had items."""
-    flushed = 0
-    for cache in list(_OPEN.values()):
-        if cache._pid != os.getpid():
-            continue
+def _flush_open_caches() -> bool:
+    """Flush every open cache of this process (not of a parent it was forked from); whether it had any."""
+    mine = [cache for cache in list(_OPEN.values()) if cache._pid == os.getpid()]
+    for cache in mine:
         try:
-            had = bool(cache._pending)
             cache.flush()
-            flushed += had
         except Exception as exc:  # at exit or in a signal handler: report, never mask the exit
             print(f"pathgen.store.cache: could not flush {cache.directory}: {exc}", file=sys.stderr)
-    return flushed
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    """Flush open caches, then hand over to the previous handler and exit."""
-    active = any(c._pid == os.getpid() for c in _OPEN.values())
-    _flush_open_caches()
-    previous = _PREVIOUS_SIGTERM
-    if callable(previous):
-        previous(signum, frame)
-        if active:
-            raise SystemExit(128 + signum)
-        return  # no cache in use: the previous handler alone decides
-    # Default action: die by the signal itself so the scheduler sees a SIGTERM death.
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
+    return bool(mine)
 
 
 # --- maintenance: stats, compact, prune -------------------------------------------
