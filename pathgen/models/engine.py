@@ -65,6 +65,14 @@ class Answer:
         return cls(**{k: record[k] for k in ("text", "finish", "prompt_tokens", "completion_tokens", "constrained")})
 
 
+def in_order(answers: Iterator[tuple[int, Answer]], n: int) -> list[Answer]:
+    """The `n` answers of a stream of (index, answer), by index."""
+    out: list[Answer | None] = [None] * n
+    for index, answer in answers:
+        out[index] = answer
+    return out  # type: ignore[return-value]
+
+
 class Engine:
     """An engine: built from an agent's settings, answers batches of requests.
 
@@ -193,30 +201,27 @@ class Agent:
         return self.settings["engine"]
 
     @property
+    def engine_class(self) -> type[Engine]:
+        """The engine's class (its module imports its library only when an engine is built)."""
+        module, cls, _, _ = ENGINES[self.engine_name]
+        return getattr(importlib.import_module(module), cls)
+
+    @property
     def engine(self) -> Engine:
         """The engine, built (weights loaded, server launched) on first access."""
         if self._engine is None:
-            module, cls, _, _ = ENGINES[self.engine_name]
             start = time.perf_counter()
-            engine_cls: Callable[..., Engine] = getattr(importlib.import_module(module), cls)
-            self._engine = engine_cls(self.settings, self.what, threads=self.threads, log_dir=self.log_dir)
+            self._engine = self.engine_class(self.settings, self.what, threads=self.threads, log_dir=self.log_dir)
             self.stats.loaded = True
             self.stats.load_seconds = time.perf_counter() - start
         return self._engine
-
-    @property
-    def loaded(self) -> bool:
-        return self._engine is not None
-
-    def _check(self, requests: Sequence[Request]) -> None:
-        if not ENGINE_ACCEPTS_IMAGES[self.engine_name] and any(r.image is not None for r in requests):
-            raise ModelError(f"params.yaml {self.what}.engine '{self.engine_name}' cannot read images")
 
     def stream(self, requests: Sequence[Request]) -> Iterator[tuple[int, Answer]]:
         """(index, answer) for every request, as the engine finishes them (not always in order)."""
         if not requests:
             return
-        self._check(requests)
+        if not self.engine_class.accepts_images and any(r.image is not None for r in requests):
+            raise ModelError(f"params.yaml {self.what}.engine '{self.engine_name}' cannot read images")
         engine = self.engine
         start = time.perf_counter()
         try:
@@ -231,10 +236,7 @@ class Agent:
 
     def generate(self, requests: Sequence[Request]) -> list[Answer]:
         """One answer per request, in order."""
-        answers: list[Answer | None] = [None] * len(requests)
-        for index, answer in self.stream(requests):
-            answers[index] = answer
-        return answers  # type: ignore[return-value]
+        return in_order(self.stream(requests), len(requests))
 
     def chat(self, prompt: str, max_tokens: int, schema: dict[str, Any] | None = None) -> str:
         """The text of the answer to one prompt."""
@@ -244,9 +246,6 @@ class Agent:
     def can_constrain(self) -> bool:
         """Whether schemas are enforced (loads the engine: the openai engine's answer depends on settings)."""
         return self.engine.can_constrain
-
-    def count_tokens(self, text: str) -> int | None:
-        return self.engine.count_tokens(text)
 
     def token_counter(self) -> Callable[[str], int] | None:
         """A token counter for the agent's model that loads no weights where the engine offers one
@@ -271,5 +270,3 @@ class Agent:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-
-ENGINE_ACCEPTS_IMAGES = {"transformers": True, "llama_cpp": False, "openai": True}

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pathgen.errors import ModelError
-from pathgen.models.engine import FINISH_LENGTH, FINISH_STOP, Answer, Engine, Request
+from pathgen.models.engine import FINISH_LENGTH, FINISH_STOP, Answer, Engine, Request, in_order
 from pathgen.text.hygiene import clean_generated_text
 
 RESPONSE_FORMATS = ("json_schema", "json_object", "none")
@@ -234,10 +234,7 @@ class OpenAIEngine(Engine):
                 future.cancel()
 
     def generate(self, requests: Sequence[Request]) -> list[Answer]:
-        answers: list[Answer | None] = [None] * len(requests)
-        for index, answer in self.stream(requests):
-            answers[index] = answer
-        return answers  # type: ignore[return-value]
+        return in_order(self.stream(requests), len(requests))
 
     def close(self) -> None:
         """Shut the pool down and stop a launched server."""
