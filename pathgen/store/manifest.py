@@ -1,8 +1,9 @@
 """The slide manifest (`data/slides.tsv`): one row per whole-slide image.
 
-Columns: slide_id, path, tissue (required); project, mpp, report (optional,
-empty cells mean none). Paths are relative to the project root (where
-Snakemake runs) or absolute.
+Columns: slide_id, path, tissue (required); project, mpp, report, file_id
+(optional, empty cells mean none). Paths are relative to the project root
+(where Snakemake runs) or absolute. file_id is the slide's GDC file UUID (as
+the released PathGen-1.6M JSON carries it); `pathgen manifest gdc` fills it in.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import polars as pl
 from pathgen.errors import ConfigError
 
 REQUIRED = ("slide_id", "path", "tissue")
-OPTIONAL = ("project", "mpp", "report")
+OPTIONAL = ("project", "mpp", "report", "file_id")
 SLIDE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# A GDC file UUID as the portal and gdc-client write it: 36 characters, lower-case hex, 8-4-4-4-12.
+FILE_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class SlideEntry:
     project: str | None = None
     mpp: float | None = None
     report: str | None = None
+    file_id: str | None = None  # GDC file UUID
 
 
 def _clean(value: str | None) -> str | None:
@@ -55,6 +59,7 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
 
     entries: list[SlideEntry] = []
     seen: dict[str, int] = {}
+    seen_files: dict[str, int] = {}
     for row_no, row in enumerate(frame.iter_rows(named=True), start=2):
         where = f"{path}:{row_no}"
         slide_id = _clean(row["slide_id"])
@@ -75,6 +80,15 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
                 raise ConfigError(f"{where}: slide '{slide_id}' mpp {mpp_text!r} is not a number") from None
             if not mpp > 0:
                 raise ConfigError(f"{where}: slide '{slide_id}' mpp must be > 0, got {mpp_text}")
+        file_id = _clean(row.get("file_id"))
+        if file_id is not None:
+            if not FILE_ID.match(file_id):
+                raise ConfigError(f"{where}: slide '{slide_id}' file_id {file_id!r} is not a GDC file UUID "
+                                  "(36 characters: lower-case hex digits and dashes, 8-4-4-4-12)")
+            if file_id in seen_files:
+                raise ConfigError(f"{where}: slide '{slide_id}' file_id '{file_id}' already used on line "
+                                  f"{seen_files[file_id]}")
+            seen_files[file_id] = row_no
         entries.append(
             SlideEntry(
                 slide_id=slide_id,
@@ -83,6 +97,7 @@ def read_manifest(path: str | Path) -> list[SlideEntry]:
                 project=_clean(row.get("project")),
                 mpp=mpp,
                 report=_clean(row.get("report")),
+                file_id=file_id,
             )
         )
     return entries
