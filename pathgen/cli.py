@@ -228,6 +228,15 @@ def cmd_import_pathgen(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2, sort_keys=True))
 
 
+def cmd_manifest_gdc(args: argparse.Namespace) -> None:
+    from pathgen.interop.gdc import gdc_manifest
+
+    summary = gdc_manifest(args.sheet, args.slides_dir, args.out, reports=args.reports, reports_out=args.reports_out,
+                           diagnostic_only=args.diagnostic_only, skip_missing=args.skip_missing,
+                           project=args.project, force=args.force)
+    print(summary.line())
+
+
 def cmd_throughput(args: argparse.Namespace) -> None:
     import json
 
@@ -449,6 +458,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, default=672)
     p.add_argument("--jpeg-quality", type=int, default=95)
     p.set_defaults(func=cmd_import_pathgen, log=None)
+
+    p = sub.add_parser("manifest", help="write the slide manifest (data/slides.tsv) from a download")
+    source = p.add_subparsers(dest="source", required=True)
+    q = source.add_parser("gdc", help="from a GDC sample sheet (or gdc-client manifest) and the downloaded TCGA slides")
+    q.add_argument("sheet", help="the GDC portal's sample sheet TSV, or the gdc-client manifest (id, filename, ...)")
+    q.add_argument("--slides-dir", required=True,
+                   help="where the slides were downloaded: <dir>/<file_id>/<file_name> (gdc-client) or flat")
+    q.add_argument("--reports", help="reports: a folder of .txt files named by case barcode (TCGA-XX-XXXX...), "
+                                     "or a CSV with columns patient_filename, text (TCGA-Reports)")
+    q.add_argument("--reports-out", default="data/tcga-reports",
+                   help="where reports from a CSV are written, one <case>.txt per case")
+    q.add_argument("--out", default="data/slides.tsv")
+    q.add_argument("--diagnostic-only", action="store_true", help="only diagnostic slides (DX; not frozen TS/BS/MS)")
+    q.add_argument("--skip-missing", action="store_true", help="leave out slides not downloaded, with a warning")
+    q.add_argument("--project", help="gdc-client manifest only: the TCGA project of its files (e.g. TCGA-COAD)")
+    q.add_argument("--force", action="store_true", help="replace an existing manifest with other contents")
+    q.set_defaults(func=cmd_manifest_gdc, log=None)
 
     p = sub.add_parser("cache", help="inspect and maintain the item-level cache")
     p.add_argument("action", choices=["stats", "compact", "prune"])

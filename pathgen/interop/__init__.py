@@ -1,1 +1,2 @@
-"""The released PathGen-1.6M JSON format: reading and writing it, and importing it from local slides."""
+"""Interchange with outside formats: the released PathGen-1.6M JSON (reading and writing it, importing it
+from local slides) and GDC downloads of TCGA slides (the slide manifest from a sample sheet)."""
