@@ -16,6 +16,9 @@ rule assemble_shard:
     params:
         code=code_hash("assemble"),
         slides=shard_entries_json,
+    resources:
+        mem_mb=2000,
+        runtime=30,
     log:
         "logs/assemble/{shard}.log",
     shell:
@@ -41,6 +44,9 @@ rule assemble:
     params:
         code=code_hash("assemble"),
         shards=" ".join(SHARDS),
+    resources:
+        mem_mb=4000,
+        runtime=30,
     log:
         "logs/assemble/all.log",
     shell:

@@ -10,6 +10,11 @@ rule caption:
         code=code_hash("caption"),
         slides=shard_slides_json,
         cache=cache_args,
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=GPU["caption"],
     log:
         log="logs/caption/{shard}.log",
         stats="logs/caption/{shard}.stats.json",

@@ -9,6 +9,7 @@ from pathgen.errors import PathgenError
 from pathgen.lineage.codehash import code_hash
 from pathgen.lineage.run_end import on_error, on_success
 from pathgen.models.fingerprint import checkpoint_files
+from pathgen.models.gpus import STEP_MODEL, gpu_request, visible_gpus
 from pathgen.store.manifest import SLIDE_ID, read_manifest
 from pathgen.store.shards import shard_slides
 
@@ -21,6 +22,16 @@ except PathgenError as exc:
 SLIDE_IDS = sorted(SLIDES)
 # Shards follow manifest order, so appending slides only adds shards.
 SHARDS = shard_slides(list(SLIDES), config["shards"]["slides_per_shard"])
+
+# The `gpu` resource of each model step: 1 when params.yaml puts its model on a GPU (pathgen.models.gpus).
+GPU = {step: gpu_request(config, step) for step in STEP_MODEL}
+# Locally, at most one model job per GPU present (`--resources gpu=N` overrides; with none present the
+# requests scale down to 0 and the jobs run on CPU, and a dry run shows them so). A run that submits
+# jobs (`--jobs`, as profiles/slurm sets) leaves GPUs to the cluster: each job gets one of its own.
+# The executor is not known while the Snakefile is read; `--jobs` is what Snakemake's own scheduler
+# goes by too (it stops counting local cores then).
+if workflow.global_resources["_nodes"].value is None and "gpu" not in workflow.global_resources:
+    workflow.register_resource("gpu", visible_gpus())
 
 
 wildcard_constraints:

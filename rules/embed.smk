@@ -1,6 +1,7 @@
 # Slide side, job 1 of 2: the slide is read twice here (thumbnail for the mask, patches for CLIP), so
 # tiling and embedding share a job; tiling costs seconds next to embedding. One job per slide per
-# step would put 5 jobs per slide into the DAG (see bench/dag.py). Threads and resources: profiles/.
+# step would put 5 jobs per slide into the DAG (see bench/dag.py). Threads and resources: sized for the
+# tiny demo models; profiles/slurm/config.yaml sizes them for the real checkpoints.
 
 
 rule embed:
@@ -21,6 +22,11 @@ rule embed:
         embed=step_view("embed"),
         code=code_hash("tile", "embed"),
         mpp=slide_mpp,
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=80,
+        gpu=GPU["embed"],
     log:
         tile="logs/tile/{slide}.log",
         embed="logs/embed/{slide}.log",

@@ -23,6 +23,9 @@ rule report_pages:
         n=12,  # sample pairs on the page, spread over the slides
         seed=config["seed"],
         max_bytes=1500000,  # fewer pairs if needed: Chromium shows no larger page inside the report
+    resources:
+        mem_mb=2000,
+        runtime=10,
     log:
         "logs/report/pages.log",
     shell:

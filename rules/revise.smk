@@ -11,6 +11,11 @@ rule revise:
         code=code_hash("revise"),
         slides=shard_slides_json,
         cache=cache_args,
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=GPU["revise"],
     log:
         log="logs/revise/{shard}.log",
         stats="logs/revise/{shard}.stats.json",

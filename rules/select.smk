@@ -33,6 +33,10 @@ rule select:
         project=lambda wc: SLIDES[wc.slide].project or "",
         cache=cache_args,
         mpp=slide_mpp,
+    resources:
+        mem_mb=4000,
+        runtime=45,
+        gpu=GPU["select"],
     log:
         prompts="logs/prompts/{slide}.log",
         select="logs/select/{slide}.log",

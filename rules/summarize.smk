@@ -9,6 +9,11 @@ rule summarize:
         step=step_view("summarize"),
         code=code_hash("summarize"),
         cache=cache_args,
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=GPU["summarize"],
     log:
         log="logs/summarize/{shard}.log",
         stats="logs/summarize/{shard}.stats.json",

@@ -204,15 +204,21 @@ def test_snakemake_on_slurm_retries_a_cancelled_job(slurm_cluster, tmp_path):
 
 def slurm_test_profile(dest: Path) -> Path:
     """profiles/slurm/config.yaml filled in as a user would for this cluster: no account, its `debug`
-    partition, no GPU partition (the node has none); plus fast status polls and kept SLURM logs."""
+    partition, no GPUs (the node has none: `gpu: 0` for the steps that ask for one), the demo's own
+    threads and memory (the profile's are for the real checkpoints); plus fast status polls and kept
+    SLURM logs."""
     import yaml
 
     config = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
     defaults = config["default-resources"]
     defaults.pop("slurm_account")
     defaults["slurm_partition"] = "debug"
-    for rule in config.pop("set-resources").values():
-        assert rule.pop("gpu") == 1  # the model steps ask for a GPU on a real cluster
+    assert config.pop("resources") == {"gpu": 1} and config.pop("set-resource-scopes") == {"gpu": "local"}
+    config.pop("set-threads")
+    gpu_rules = {rule for rule, res in config.pop("set-resources").items()
+                 if res.get("slurm_partition") == "YOUR_GPU_PARTITION"}
+    assert gpu_rules == {"embed", "select", "caption", "revise", "summarize"}  # a real cluster's GPU steps
+    config["set-resources"] = {rule: {"gpu": 0} for rule in sorted(gpu_rules)}
     config.update({"jobs": 4, "latency-wait": 5, "seconds-between-status-checks": 1,
                    "slurm-init-seconds-before-status-checks": 1, "slurm-keep-successful-logs": True})
     dest.mkdir(parents=True, exist_ok=True)
