@@ -233,7 +233,7 @@ def cmd_manifest_gdc(args: argparse.Namespace) -> None:
 
     summary = gdc_manifest(args.sheet, args.slides_dir, args.out, reports=args.reports, reports_out=args.reports_out,
                            diagnostic_only=args.diagnostic_only, skip_missing=args.skip_missing,
-                           project=args.project, force=args.force)
+                           project=args.project, force=args.force, append=args.append)
     print(summary.line())
 
 
@@ -474,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip-missing", action="store_true", help="leave out slides not downloaded, with a warning")
     q.add_argument("--project", help="gdc-client manifest only: the TCGA project of its files (e.g. TCGA-COAD)")
     q.add_argument("--force", action="store_true", help="replace an existing manifest with other contents")
+    q.add_argument("--append", action="store_true",
+                   help="keep an existing manifest's rows (and so its shards) and add the new slides after them")
     q.set_defaults(func=cmd_manifest_gdc, log=None)
 
     p = sub.add_parser("cache", help="inspect and maintain the item-level cache")

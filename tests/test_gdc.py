@@ -189,8 +189,8 @@ def test_cli_prints_one_summary_line_and_rerun_is_identical(cohort, capsys):
             "--diagnostic-only"]
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"pathgen manifest gdc: wrote {cohort['out'].as_posix()}: 3 slide(s) of 3 project(s); "
-                     "left out: 1 not diagnostic (DX), 0 missing file(s), 1 not slide images; "
+    assert lines == [f"pathgen manifest gdc: {cohort['out'].as_posix()}: wrote 3 slide(s) of 3 project(s); "
+                     "left out: 1 not DX, 0 missing file(s), 1 not slide images; "
                      "reports: 2 slide(s) matched (2 case(s)), 1 unmatched, 1 case(s) with several reports "
                      "(first by name kept)"]
     assert [e.slide_id for e in read_manifest(cohort["out"])] == [LUAD_DX, COAD_DX, BRCA_DX]
@@ -202,6 +202,28 @@ def test_cli_prints_one_summary_line_and_rerun_is_identical(cohort, capsys):
     assert cohort["out"].read_bytes() == before
     assert main([*argv[:-1], "--force"]) == 0
     assert len(read_manifest(cohort["out"])) == 4
+
+
+def test_append_keeps_the_existing_rows_first(cohort, tmp_path):
+    first = write_sheet(tmp_path / "first.tsv", [cohort["rows"][i] for i in (2, 0)])  # BRCA, COAD DX
+    run_gdc({**cohort, "sheet": first})
+    before = cohort["out"].read_text()
+    assert [e.slide_id for e in read_manifest(cohort["out"])] == [COAD_DX, BRCA_DX]
+    summary = run_gdc(cohort, append=True)
+    assert cohort["out"].read_text().startswith(before)
+    assert [e.slide_id for e in read_manifest(cohort["out"])] == [COAD_DX, BRCA_DX, LUAD_DX, COAD_TS]
+    assert (summary.slides, summary.already, summary.reports_matched, summary.reports_unmatched) == (2, 2, 1, 1)
+    assert "added 2 slide(s) of 2 project(s) (2 already in it)" in summary.line()
+    after = cohort["out"].read_text()
+    assert run_gdc(cohort, append=True).slides == 0 and cohort["out"].read_text() == after
+
+    cohort["out"].write_text(after.replace(cohort["rows"][1][0], file_id("another")))  # COAD_TS's file id
+    with pytest.raises(ConfigError, match=rf":3: slide {COAD_TS} is file {cohort['rows'][1][0]}, but .* has it as "
+                                          rf"file {file_id('another')}"):
+        run_gdc(cohort, append=True)
+    cohort["out"].write_text("slide_id\tpath\ttissue\na\ta.svs\tlung\n")
+    with pytest.raises(ConfigError, match="--append needs the columns this command writes"):
+        run_gdc(cohort, append=True)
 
 
 def test_reports_from_a_folder_are_pointed_at(cohort, tmp_path):

@@ -29,6 +29,10 @@ a Case ID that is not the barcode's case, two rows with one slide id. Missing sl
 (or, with a gdc-client manifest, files of the wrong size: unfinished downloads) are an error
 naming how many and the first, or with `skip_missing` left out with a warning. Nothing is
 written until everything has been checked; the manifest is written last.
+
+Shards are consecutive slides of the manifest, so re-sorting a grown cohort would move slides
+between shards and rerun their model jobs. With `append`, an existing manifest keeps its rows
+as they are and the sheet's new slides are added after them (sorted among themselves).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import yaml
 
 from pathgen.errors import ConfigError
 from pathgen.store.io import write_text
-from pathgen.store.manifest import FILE_ID
+from pathgen.store.manifest import FILE_ID, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +97,16 @@ class GdcSummary:
     report_cases: int = 0  # cases whose report was used
     several_reports: int = 0  # of those, cases with more than one report (first by name kept)
     reports_given: bool = False
+    already: int = 0  # with append: the sheet's slides already in the manifest (left as they are)
+    appended: bool = False
     notes: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         """The one-line summary the command prints."""
-        text = (f"pathgen manifest gdc: wrote {self.out}: {self.slides} slide(s) of {self.projects} project(s); "
-                f"left out: {self.not_diagnostic} not diagnostic (DX), {self.missing} missing file(s), "
-                f"{self.not_slides} not slide images; ")
+        wrote = (f"added {self.slides} slide(s) of {self.projects} project(s) ({self.already} already in it)"
+                 if self.appended else f"wrote {self.slides} slide(s) of {self.projects} project(s)")
+        text = (f"pathgen manifest gdc: {self.out}: {wrote}; left out: {self.not_diagnostic} not DX, "
+                f"{self.missing} missing file(s), {self.not_slides} not slide images; ")
         if not self.reports_given:
             return text + "reports: none given"
         text += (f"reports: {self.reports_matched} slide(s) matched ({self.report_cases} case(s)), "
@@ -281,14 +288,41 @@ def _read_sheet(sheet: Path, slides_dir: Path, project: str | None, diagnostic_o
     return slides, missing
 
 
+def _appended_to(out: Path, sheet: Path, slides: list[_Slide], summary: GdcSummary) -> list[str]:
+    """The lines of the existing manifest `out`, header first; drops from `slides` those already in it."""
+    lines = out.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t") if lines else []
+    if header != list(COLUMNS):
+        raise ConfigError(f"{out}: --append needs the columns this command writes ({', '.join(COLUMNS)}); "
+                          f"have {', '.join(header) or 'none'}")
+    existing = {e.slide_id: e for e in read_manifest(out)}
+    by_file = {e.file_id: e.slide_id for e in existing.values() if e.file_id}
+    new = []
+    for s in slides:
+        entry = existing.get(s.slide_id)
+        if entry is not None and entry.file_id != s.file_id:
+            raise ConfigError(f"{sheet}:{s.line}: slide {s.slide_id} is file {s.file_id}, but {out} has "
+                              f"it as file {entry.file_id}")
+        if entry is None and s.file_id in by_file:
+            raise ConfigError(f"{sheet}:{s.line}: file {s.file_id} (slide {s.slide_id}) is already in "
+                              f"{out} as slide {by_file[s.file_id]}")
+        if entry is None:
+            new.append(s)
+    summary.appended, summary.already = True, len(slides) - len(new)
+    slides[:] = new
+    return lines
+
+
 def gdc_manifest(sheet: str | Path, slides_dir: str | Path, out: str | Path, *, reports: str | Path | None = None,
                  reports_out: str | Path = "data/tcga-reports", diagnostic_only: bool = False,
-                 skip_missing: bool = False, project: str | None = None, force: bool = False) -> GdcSummary:
+                 skip_missing: bool = False, project: str | None = None, force: bool = False,
+                 append: bool = False) -> GdcSummary:
     """Write the slide manifest `out` for the slides of a GDC sample sheet (or gdc-client manifest).
 
     Paths are written as given (`slides_dir`, `reports_out` relative to where the command runs,
     which for the pipeline is the project root). ConfigError (one line, naming the file and row)
-    for bad input; an existing `out` with other contents is replaced only with `force`.
+    for bad input; an existing `out` with other contents is replaced only with `force`, or with
+    `append` kept and added to.
     """
     sheet, slides_dir, out, reports_out = Path(sheet), Path(slides_dir), Path(out), Path(reports_out)
     summary = GdcSummary(out=out.as_posix(), reports_given=reports is not None)
@@ -307,6 +341,8 @@ def gdc_manifest(sheet: str | Path, slides_dir: str | Path, out: str | Path, *, 
     if not slides:
         raise ConfigError(f"{sheet}: no slides left to write ({summary.not_slides} not slide images, "
                           f"{summary.not_diagnostic} not diagnostic, {summary.missing} missing)")
+
+    kept = _appended_to(out, sheet, slides, summary) if append and out.exists() else []
 
     to_write: dict[Path, str] = {}
     if reports is not None:
@@ -342,13 +378,13 @@ def gdc_manifest(sheet: str | Path, slides_dir: str | Path, out: str | Path, *, 
 
     slides.sort(key=lambda s: s.slide_id)
     tissues = tcga_projects()
-    lines = ["\t".join(COLUMNS)]
+    lines = kept or ["\t".join(COLUMNS)]
     for s in slides:
         row: dict[str, Any] = {"slide_id": s.slide_id, "path": s.path, "tissue": tissues[s.project]["tissue"],
                                "project": s.project, "mpp": "", "report": s.report or "", "file_id": s.file_id}
         lines.append("\t".join(str(row[c]) for c in COLUMNS))
     text = "\n".join(lines) + "\n"
-    if out.exists() and not force and out.read_text(encoding="utf-8", errors="replace") != text:
+    if out.exists() and not (force or append) and out.read_text(encoding="utf-8", errors="replace") != text:
         raise ConfigError(f"{out}: exists with other contents; pass --force to replace it")
     for target, report_text in sorted(to_write.items()):
         write_text(report_text, target)
