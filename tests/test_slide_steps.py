@@ -57,8 +57,9 @@ def test_tissue_mask_matches_known_rectangle(rect_slide, params):
         _, _, info = tile_slide(slide, tile_params(params, patch_size=CELL))
         from pathgen.wsi.tissue import tissue_mask
 
-        thumb = slide.read_level(info["mask_level"])
+        thumb, level = slide.read_thumbnail(params["tile"]["mask"]["downsample"])
         mask = tissue_mask(thumb, params["tile"]["mask"])
+    assert level == info["mask_level"]
     sx, sy = info["thumbnail_scale"]
     truth = np.zeros_like(mask)
     r0, c0, r1, c1 = RECT
@@ -77,7 +78,9 @@ def test_grid_has_exactly_the_tissue_cells(rect_slide, params):
     assert info["grid_cells"] == ROWS * COLS
     assert (grid["level"] == 0).all() and (grid["read_size"] == CELL).all()
     assert info["vendor"] == "aperio" and info["mpp"] == pytest.approx(0.25)
-    assert thumb.size == tuple(info["level_dimensions"][info["mask_level"]])
+    # the thumbnail is at the mask's downsample (32), reduced from the best level (16 here: levels 1, 4, 16)
+    assert info["level_downsamples"][info["mask_level"]] == 16
+    assert thumb.size == (COLS * CELL // 32, ROWS * CELL // 32) and info["thumbnail_scale"] == [32, 32]
 
 
 def test_paper_grid_uses_672_px_at_level_0(rect_slide, params):

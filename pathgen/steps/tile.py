@@ -3,6 +3,16 @@
 Paper, appendix C.1.1: crops of 672×672 px at the highest magnification
 (`tile.mode: level0`). `tile.mode: mpp` instead fixes the physical size
 (patch_size px at target_mpp), reading from the best pyramid level.
+
+The tissue mask is computed on a thumbnail at exactly `tile.mask.downsample`
+(32: one mask pixel per 32 x 32 level-0 pixels, 21 x 21 mask pixels per 672 px
+patch), whatever levels the slide has: `Slide.read_thumbnail` reduces the best
+level at or above that resolution to it, block by block, so a slide with only
+1x and 4x levels costs a few blocks of memory, not its whole 4x level. (Before,
+the mask was the best level itself, e.g. 16x on slides with 1x/4x/16x/64x
+levels.) `mask_level` in the info is the level read, `thumbnail_scale` the
+exact level-0 px per thumbnail px; `blur_radius`, `close_radius` and the
+thumbnail picture are in these thumbnail pixels.
 """
 
 from __future__ import annotations
@@ -73,8 +83,7 @@ def tile_slide(slide: Slide, params: dict[str, Any]) -> tuple[pl.DataFrame, Imag
     `params` is params.yaml's `tile` section.
     """
     size0, level, read_size, out_size = patch_geometry(slide, params)
-    mask_level = slide.best_level_for(params["mask"]["downsample"])
-    thumb = slide.read_level(mask_level)
+    thumb, mask_level = slide.read_thumbnail(params["mask"]["downsample"])
     width, height = slide.dimensions
     scale = (width / thumb.width, height / thumb.height)
     min_object_px = params["mask"]["min_object_area"] * size0 * size0 / (scale[0] * scale[1])
