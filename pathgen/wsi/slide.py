@@ -126,7 +126,7 @@ class Slide:
 
         The level read is `best_level_for(downsample)`; f = downsample / its downsample.
         * f within 1 % of 1: that level as it is. Read whole when it has at most `whole_px`
-          pixels (byte-identical to `read_level`), else in row strips of at most `block_px`
+          pixels (byte-identical to `read_level`), else in blocks of at most `block_px`
           pixels, which equal the whole read when the level's downsample is an integer.
         * f within 1 % of an integer k > 1: Image.reduce(k) of the level (box average of k x k
           pixels; ceil(size / k) pixels, the last row and column averaging what is there),
