@@ -12,7 +12,7 @@ tissue, the few tissue-edge cuts) is JPEG-encoded once, and the tile
 iterator hands tifffile those pre-compressed bytes (tifffile writes bytes
 items as they are; they must match the page's compression settings, which
 they do since they are made by tifffile itself with the same settings). A
-100,000 x 80,000 px slide takes a few seconds and ~150 MB. The same
+100,000 x 80,000 px slide takes under 2 s and ~230 MB. The same
 arguments give the same bytes.
 """
 
