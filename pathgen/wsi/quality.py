@@ -1,0 +1,185 @@
+"""Patch quality control: cheap per-patch measures of glass, marker ink, folds and defocus.
+
+Measured on a patch at the model's input resolution (uint8 RGB, H x W x 3, 336 px for a 672 px
+crop at 0.25 mpp, i.e. about 0.5 um per pixel), or on a batch (N x H x W x 3). Every measure is
+integer arithmetic on the pixels (per-pixel classes, counts, sums) with one correctly rounded
+float64 division at the end, so the same pixels give the same bits on every CPU.
+
+Per-pixel classes (max, min = the brightest and darkest channel, chroma = max - min, all 0..255):
+
+* glass: min >= GLASS_MIN_VALUE and chroma <= GLASS_MAX_CHROMA: bright and unsaturated (the same
+  cue as the slide-level glass in `pathgen.wsi.tissue`, with fixed thresholds). H&E stain, even
+  pale, absorbs green enough to exceed the chroma bound; empty fat cells are glass-like too.
+* pen (coloured marker): chroma >= PEN_MIN_CHROMA and PEN_HUE_SLOPE (G - R) >= chroma, which is
+  exactly hue in [63.75 deg, 236.25 deg] (60 + 60/16 to 240 - 60/16): yellow-green through green and
+  cyan to blue. H&E lives in the other half of the hue circle: haematoxylin is blue-purple (hue
+  ~248-258 deg in the demo's Beer-Lambert model; real scans 240-290), eosin pink-red (300-360 and
+  0-20 deg), and both absorb green more than red, so stained tissue has R > G (in the model
+  (R - G) >= 0.119 chroma, hue >= 247 deg, at every stain mix) and fails the test; mixes stay
+  between the two (247-360 deg). Green markers (hue ~90-170 deg) and blue ones (~200-235 deg, over
+  dark nuclei too) pass it. A scanner that renders haematoxylin bluer than 236 deg would need a
+  larger PEN_HUE_SLOPE (a narrower range).
+* pen (black marker): max <= BLACK_MAX_VALUE and chroma <= BLACK_MAX_CHROMA: very dark and grey.
+* dark (fold, dense debris): max <= DARK_MAX_VALUE and chroma > BLACK_MAX_CHROMA: every channel
+  dark yet coloured: overlapping layers of stained tissue. The darkest nuclear chromatin reaches it
+  in a few pixels; a fold covers a band.
+
+Per-patch measures (`measure`): the fraction of the patch's pixels in each class, and
+`laplacian_variance`, the classical focus measure (variance of the Laplacian of the grey image,
+as slideflow and HistoQC use): integer luma (ITU-R 601, 299 R + 587 G + 114 B over 1000, as
+PIL's "L"), the 4-neighbour integer Laplacian, and its variance over the pixels whose 3 x 3
+neighbourhood holds no glass (tissue only: glass is flat at any focus, and a half-glass patch
+would otherwise look blurred; with fewer than MIN_TISSUE_PIXELS such pixels, over the whole patch).
+
+`qc_reasons(measures, thresholds)` gives each patch the first failing check in a fixed order:
+background, pen, fold, blur (or None). THRESHOLDS holds the defaults (params.yaml `select.qc`).
+
+Known-answer figures (bench/quality.py, 600 synthetic 336 px patches, 120 per class: demo-renderer
+tissue of six classes, JPEG q85 decoded at half scale; planted glass with 0-20 % tissue, green /
+blue / black strokes 60-400 level-0 px wide covering >= 8 %, fold bands covering >= 10 %, defocus
+of Gaussian sigma 1.4-3.4 px at 336 px) at the defaults: see the table in bench/quality.py's
+docstring; tests/test_quality.py asserts floors on a smaller set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+GLASS_MIN_VALUE = 200
+GLASS_MAX_CHROMA = 24
+PEN_MIN_CHROMA = 32
+PEN_HUE_SLOPE = 16  # coloured pen: PEN_HUE_SLOPE (G - R) >= chroma, hue 60 + 60/k .. 240 - 60/k degrees
+BLACK_MAX_VALUE = 64
+BLACK_MAX_CHROMA = 30
+DARK_MAX_VALUE = 100
+MIN_TISSUE_PIXELS = 1024  # pixels of tissue a tissue-only focus measure needs (1 % of 336 x 336)
+GLASS_BLOCK = 8  # px: glass is judged on blocks of GLASS_BLOCK x GLASS_BLOCK pixels
+GLASS_BLOCK_SHARE = 0.9  # a block is glass when at least this share of its pixels is
+OPEN_GLASS_BLOCKS = 6  # open glass: glass blocks with only glass blocks within this many blocks (48 px, 24 um)
+
+REASONS = ("background", "pen", "fold", "blur")  # the order qc_reasons checks them in
+MEASURES = ("background_fraction", "glass_fraction", "pen_fraction", "dark_fraction", "laplacian_variance")
+
+# Defaults for params.yaml select.qc (see the module docstring for the known-answer figures).
+THRESHOLDS: dict[str, Any] = {
+    "enabled": True,
+    "max_background_fraction": 0.5,
+    "max_pen_fraction": 0.05,
+    "max_dark_fraction": 0.10,
+    "min_laplacian_variance": 150.0,
+}
+
+_LAPLACE = np.array([[[0, 1, 0], [1, -4, 1], [0, 1, 0]]], dtype=np.int32)
+_LUMA = np.array([299, 587, 114], dtype=np.int32)
+
+
+def _as_batch(patches: np.ndarray) -> tuple[np.ndarray, bool]:
+    a = np.asarray(patches)
+    if a.dtype != np.uint8:
+        raise ValueError(f"patches must be uint8 RGB, got {a.dtype}")
+    if a.ndim == 3 and a.shape[-1] == 3:
+        return a[None], True
+    if a.ndim == 4 and a.shape[-1] == 3:
+        return a, False
+    raise ValueError(f"patches must be H x W x 3 or N x H x W x 3, got shape {a.shape}")
+
+
+def pixel_classes(patches: np.ndarray) -> dict[str, np.ndarray]:
+    """Boolean maps (same leading shape as `patches`, without the channel axis): glass, pen, dark."""
+    a = np.asarray(patches)
+    r, g, b = (a[..., c].astype(np.int16) for c in range(3))
+    mx = np.maximum(np.maximum(r, g), b)
+    mn = np.minimum(np.minimum(r, g), b)
+    chroma = mx - mn
+    glass = (mn >= GLASS_MIN_VALUE) & (chroma <= GLASS_MAX_CHROMA)
+    coloured_pen = (chroma >= PEN_MIN_CHROMA) & (PEN_HUE_SLOPE * (g - r) >= chroma)
+    black = (mx <= BLACK_MAX_VALUE) & (chroma <= BLACK_MAX_CHROMA)
+    dark = (mx <= DARK_MAX_VALUE) & (chroma > BLACK_MAX_CHROMA) & ~coloured_pen
+    return {"glass": glass, "pen": coloured_pen | black, "dark": dark}
+
+
+def open_glass(glass: np.ndarray, radius: int = OPEN_GLASS_BLOCKS) -> np.ndarray:
+    """Per patch of a boolean (N, H, W) glass map: the fraction of its GLASS_BLOCK blocks that are glass and
+    have only glass blocks within `radius` blocks (a square), i.e. glass far from any tissue.
+
+    Blocks (not pixels) so a speck of dust or a JPEG ringing pixel does not punch a hole in the glass
+    and a thin membrane still counts as tissue; H and W are cropped to whole blocks.
+    """
+    n, h, w = glass.shape
+    bh, bw = h // GLASS_BLOCK, w // GLASS_BLOCK
+    if bh == 0 or bw == 0:
+        return glass.reshape(n, -1).mean(axis=1) if h * w else np.zeros(n)
+    counts = glass[:, : bh * GLASS_BLOCK, : bw * GLASS_BLOCK].reshape(n, bh, GLASS_BLOCK, bw, GLASS_BLOCK).sum(axis=(2, 4))
+    blocks = counts * 10 >= round(GLASS_BLOCK_SHARE * 10) * GLASS_BLOCK * GLASS_BLOCK
+    far = ndimage.minimum_filter(blocks, size=(1, 2 * radius + 1, 2 * radius + 1), mode="nearest")
+    return far.sum(axis=(1, 2)) / (bh * bw)
+
+
+def luma(patches: np.ndarray) -> np.ndarray:
+    """Integer grey level (ITU-R 601 luma, rounded; PIL's "L") of uint8 RGB, as int32."""
+    a = np.asarray(patches).astype(np.int32)
+    return (a @ _LUMA + 500) // 1000
+
+
+def measure(patches: np.ndarray) -> dict[str, np.ndarray | float]:
+    """The QC measures (MEASURES) of one patch (floats) or a batch (float64 arrays of length N)."""
+    batch, single = _as_batch(patches)
+    n, h, w, _ = batch.shape
+    classes = pixel_classes(batch)
+    total = h * w
+    out: dict[str, Any] = {
+        "background_fraction": open_glass(classes["glass"]),
+        "glass_fraction": classes["glass"].sum(axis=(1, 2)) / total,
+        "pen_fraction": classes["pen"].sum(axis=(1, 2)) / total,
+        "dark_fraction": classes["dark"].sum(axis=(1, 2)) / total,
+    }
+    grey = luma(batch)
+    lap = ndimage.convolve(grey, _LAPLACE, mode="nearest")[:, 1:-1, 1:-1].astype(np.int64)
+    # tissue only: interior pixels with no glass in their 3 x 3 neighbourhood
+    near_glass = ndimage.maximum_filter(classes["glass"], size=(1, 3, 3), mode="nearest")[:, 1:-1, 1:-1]
+    keep = ~near_glass
+    counts = keep.sum(axis=(1, 2))
+    few = counts < MIN_TISSUE_PIXELS
+    keep[few] = True
+    counts = keep.sum(axis=(1, 2)).astype(np.int64)
+    s1 = np.where(keep, lap, 0).sum(axis=(1, 2))
+    s2 = np.where(keep, lap * lap, 0).sum(axis=(1, 2))
+    # variance = (n S2 - S1^2) / n^2 with exact integers (Python ints: no overflow), one division
+    out["laplacian_variance"] = np.array(
+        [float(int(c) * int(q) - int(p) * int(p)) / float(int(c) * int(c)) for c, p, q in zip(counts, s1, s2)], np.float64
+    )
+    if single:
+        return {k: float(v[0]) for k, v in out.items()}
+    return out
+
+
+def qc_reasons(measures: Mapping[str, Any], thresholds: Mapping[str, Any] | None = None) -> list[str | None] | str | None:
+    """The first failing check per patch, in REASONS order, or None where it passes (a list for a batch).
+
+    `thresholds` as THRESHOLDS (missing keys take the defaults); `enabled: false` passes every patch,
+    and a threshold of None switches its check off.
+    """
+    t = {**THRESHOLDS, **(thresholds or {})}
+    single = np.ndim(measures["background_fraction"]) == 0
+    m = {k: np.atleast_1d(np.asarray(measures[k], np.float64)) for k in MEASURES}
+    n = len(m["background_fraction"])
+    reasons: list[str | None] = [None] * n
+    if t["enabled"]:
+        checks = (
+            ("background", m["background_fraction"], t["max_background_fraction"], "max"),
+            ("pen", m["pen_fraction"], t["max_pen_fraction"], "max"),
+            ("fold", m["dark_fraction"], t["max_dark_fraction"], "max"),
+            ("blur", m["laplacian_variance"], t["min_laplacian_variance"], "min"),
+        )
+        for name, values, limit, kind in checks:
+            if limit is None:
+                continue
+            fail = values > limit if kind == "max" else values < limit
+            for i in np.flatnonzero(fail).tolist():
+                if reasons[i] is None:
+                    reasons[i] = name
+    return reasons[0] if single else reasons
