@@ -32,12 +32,22 @@ comparisons), lookups and integer JPEG coding in one thread; the few
 transcendental results (sprites, lookup tables, smoothed maps) are
 precomputed and snapped to a 2**-16 grid, so the same arguments give the same
 bytes (no timestamps are written).
+
+Artefacts for quality control (pathgen.wsi.quality) can be planted on top:
+`PenStroke`s of marker ink and `Defocus` rectangles rendered out of focus (a
+two-pass integer box blur of the plain level-0 pixels; a tile in a box is
+blurred with a halo taken from its neighbours' plain pixels, so tiles stay
+independent of each other and of the order they are made in). In the demo
+set, demo-lung-01 carries a green stroke and demo-colon-01 a blue stroke and
+an out-of-focus block of tissue patches, placed from the label map so they
+land on tissue at every `scale` (`demo_artefacts`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +57,7 @@ from PIL import Image
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from pathgen.demo import artefacts
 from pathgen.store.io import atomic_path, write_text
 from pathgen.store.seeds import derive_seed, rng_for
 
@@ -341,6 +352,30 @@ def _hex_points(rng: np.random.Generator, width: int, height: int, spacing: floa
     return x[keep], y[keep]
 
 
+@dataclass(frozen=True)
+class PenStroke:
+    """A marker stroke over the slide: ink (a key of `artefacts.INKS`), the segment (level-0 px) and half its width."""
+
+    ink: str
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    half_width: float
+    edge: float = 6.0  # px of the soft edge
+
+
+@dataclass(frozen=True)
+class Defocus:
+    """An out-of-focus rectangle [x0, x1) x [y0, y1) of level-0 px: two passes of a (2 radius + 1)-box blur."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    radius: int = 5
+
+
 _FIBER_LUT = 8192  # entries in the fibre cross-section profile
 _FIBER_PERIOD = 768.0  # px across which the profile repeats
 
@@ -382,8 +417,12 @@ _FAT_SPACING = 300.0
 class _SlideRenderer:
     """Renders level-0 tiles of one synthetic slide; tiles are independent of each other."""
 
-    def __init__(self, label_map: np.ndarray, cell_px: int, seed: int, tile: int):
+    def __init__(self, label_map: np.ndarray, cell_px: int, seed: int, tile: int,
+                 pen_strokes: Sequence[PenStroke] = (), defocus: Sequence[Defocus] = ()):
         self.tile_px = tile
+        self.pen_strokes = tuple(pen_strokes)
+        self.defocus = tuple(defocus)
+        self._plain_cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self.height = label_map.shape[0] * cell_px
         self.width = label_map.shape[1] * cell_px
         self.tiles_down = -(-self.height // tile)
@@ -667,7 +706,71 @@ class _SlideRenderer:
         return dark
 
     def render(self, ty: int, tx: int) -> Image.Image:
-        """The t x t RGB level-0 tile at tile row `ty`, column `tx`."""
+        """The t x t RGB level-0 tile at tile row `ty`, column `tx`, with its planted artefacts."""
+        if not self.pen_strokes and not self.defocus:
+            return self._render_plain(ty, tx)
+        t = self.tile_px
+        x0, y0 = tx * t, ty * t
+        rgb = None
+        for box in self.defocus:
+            # the box's pixels in this tile, blurred from the plain pixels around them (halo from the neighbours)
+            bx0, by0 = max(box.x0, x0), max(box.y0, y0)
+            bx1, by1 = min(box.x1, x0 + t), min(box.y1, y0 + t)
+            if bx0 >= bx1 or by0 >= by1:
+                continue
+            if rgb is None:
+                rgb = self._plain_array(ty, tx).copy()
+            halo = artefacts.blur_halo(box.radius)
+            context = self._context(bx0 - halo, by0 - halo, bx1 + halo, by1 + halo)
+            blurred = artefacts.box_blur(context, box.radius)
+            rgb[by0 - y0 : by1 - y0, bx0 - x0 : bx1 - x0] = blurred[halo:-halo, halo:-halo]
+        if rgb is None:
+            rgb = self._plain_array(ty, tx)
+        xs = np.arange(x0, x0 + t, dtype=np.float64) + 0.5
+        ys = np.arange(y0, y0 + t, dtype=np.float64) + 0.5
+        for stroke in self.pen_strokes:
+            reach = stroke.half_width + 2 * stroke.edge
+            lo_x, hi_x = min(stroke.x0, stroke.x1) - reach, max(stroke.x0, stroke.x1) + reach
+            lo_y, hi_y = min(stroke.y0, stroke.y1) - reach, max(stroke.y0, stroke.y1) + reach
+            if hi_x < x0 or lo_x > x0 + t or hi_y < y0 or lo_y > y0 + t:
+                continue
+            alpha = artefacts.segment_alpha(xs, ys, (stroke.x0, stroke.y0), (stroke.x1, stroke.y1), stroke.half_width, stroke.edge)
+            if alpha.any():
+                rgb = artefacts.apply_ink(rgb, alpha, artefacts.INKS[stroke.ink])
+        return Image.fromarray(rgb)
+
+    def _plain_array(self, ty: int, tx: int) -> np.ndarray:
+        """The tile without artefacts as a read-only uint8 array, cached for its neighbours' defocus halos."""
+        key = (ty, tx)
+        if key in self._plain_cache:
+            self._plain_cache.move_to_end(key)
+            return self._plain_cache[key]
+        rgb = np.asarray(self._render_plain(ty, tx))
+        rgb.setflags(write=False)
+        self._plain_cache[key] = rgb
+        while len(self._plain_cache) > 2 * self.tiles_across + 3:  # two rows of tiles, written in row order
+            self._plain_cache.popitem(last=False)
+        return rgb
+
+    def _context(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """Plain level-0 pixels of [x0, x1) x [y0, y1), edge-replicated outside the tile grid."""
+        t = self.tile_px
+        gx0, gy0 = max(x0, 0), max(y0, 0)
+        gx1, gy1 = min(x1, self.tiles_across * t), min(y1, self.tiles_down * t)
+        out = np.empty((gy1 - gy0, gx1 - gx0, 3), np.uint8)
+        for ty in range(gy0 // t, -(-gy1 // t)):
+            for tx in range(gx0 // t, -(-gx1 // t)):
+                ax0, ay0 = max(gx0, tx * t), max(gy0, ty * t)
+                ax1, ay1 = min(gx1, (tx + 1) * t), min(gy1, (ty + 1) * t)
+                tile = self._plain_array(ty, tx)
+                out[ay0 - gy0 : ay1 - gy0, ax0 - gx0 : ax1 - gx0] = tile[ay0 - ty * t : ay1 - ty * t, ax0 - tx * t : ax1 - tx * t]
+        pad = ((gy0 - y0, y1 - gy1), (gx0 - x0, x1 - gx1), (0, 0))
+        if gy0 > y0 or gy1 < y1 or gx0 > x0 or gx1 < x1:
+            out = np.pad(out, pad, mode="edge")
+        return out
+
+    def _render_plain(self, ty: int, tx: int) -> Image.Image:
+        """The t x t RGB level-0 tile at tile row `ty`, column `tx`, as the tissue alone."""
         t = self.tile_px
         tc = _Tile(tx * t, ty * t, t)
         weights = self.field.weights(tc.xs, tc.ys)
@@ -793,12 +896,15 @@ def write_synthetic_slide(
     levels: int = 3,
     level_downsample: int = 4,
     jpeg_quality: int = 85,
+    pen_strokes: Sequence[PenStroke] = (),
+    defocus: Sequence[Defocus] = (),
 ) -> None:
     """Render `label_map` (class ids, one per cell of cell_px x cell_px level-0 pixels) as an Aperio-style SVS.
 
     Level 0 is `label_map.shape * cell_px` pixels (height = rows * cell_px);
     level k is ceil(size / level_downsample**k). Written atomically; the same
-    arguments give the same bytes.
+    arguments give the same bytes. `pen_strokes` are drawn in marker ink over the
+    tissue, `defocus` rectangles rendered out of focus (pathgen.demo.artefacts).
     """
     label_map = np.asarray(label_map)
     if label_map.ndim != 2 or label_map.size == 0:
@@ -814,7 +920,10 @@ def write_synthetic_slide(
     if not mpp > 0:
         raise ValueError(f"mpp must be > 0, got {mpp}")
     label_map = label_map.astype(np.uint8)
-    renderer = _SlideRenderer(label_map, cell_px, seed, tile)
+    for stroke in pen_strokes:
+        if stroke.ink not in artefacts.INKS:
+            raise ValueError(f"pen stroke ink '{stroke.ink}' is not one of {sorted(artefacts.INKS)}")
+    renderer = _SlideRenderer(label_map, cell_px, seed, tile, pen_strokes=pen_strokes, defocus=defocus)
     width, height = renderer.width, renderer.height
     ds = level_downsample
     sub = tile // ds
@@ -958,6 +1067,49 @@ class DemoSlide:
     project: str
     classes: tuple[int, ...]
     report: str | None
+    pen: str | None = None  # ink of a marker stroke across the tissue (artefacts.INKS), or none
+    defocus: bool = False  # a block of tissue patches rendered out of focus
+
+
+def demo_pen_stroke(label_map: np.ndarray, cell_px: int, ink: str) -> PenStroke | None:
+    """A marker stroke over the demo tissue: along the longest run of tissue cells in the upper middle rows,
+    over its middle 70 %, slightly tilted, 0.56 cells wide (None without tissue there)."""
+    rows, _ = label_map.shape
+    best = None  # (run length, -row, first column)
+    for r in range(rows // 4, max(rows // 4 + 1, rows // 2 + 1)):
+        tissue = np.concatenate(([False], label_map[r] > 0, [False]))
+        edges = np.flatnonzero(np.diff(tissue.astype(np.int8)))
+        for c0, c1 in zip(edges[::2].tolist(), edges[1::2].tolist()):
+            cand = (c1 - c0, -r, c0)
+            if best is None or cand > best:
+                best = cand
+    if best is None or best[0] < 2:
+        return None
+    n, r, c0 = best[0], -best[1], best[2]
+    return PenStroke(ink, (c0 + 0.15 * n) * cell_px, (r + 0.3) * cell_px, (c0 + 0.85 * n) * cell_px, (r + 0.85) * cell_px,
+                     half_width=0.28 * cell_px)
+
+
+def demo_defocus(label_map: np.ndarray, cell_px: int, below_row: int = -1) -> Defocus | None:
+    """An out-of-focus k x k block of tissue cells (k = max(2, round(rows / 6))), cell-aligned so whole patches
+    fall in it: the all-tissue block below row `below_row` nearest the tissue's centre (None if none)."""
+    rows, cols = label_map.shape
+    k = max(2, round(rows / 6))
+    tissue = label_map > 0
+    if not tissue.any():
+        return None
+    cy, cx = (float(v.mean()) for v in np.nonzero(tissue))
+    best = None
+    for r in range(max(0, below_row + 1), rows - k + 1):
+        for c in range(cols - k + 1):
+            if tissue[r : r + k, c : c + k].all():
+                d = (r + k / 2 - 0.5 - cy) ** 2 + (c + k / 2 - 0.5 - cx) ** 2
+                if best is None or d < best[0]:
+                    best = (d, r, c)
+    if best is None:
+        return None
+    _, r, c = best
+    return Defocus(c * cell_px, r * cell_px, (c + k) * cell_px, (r + k) * cell_px)
 
 
 _LUNG_REPORT = """\
@@ -981,9 +1133,9 @@ DIAGNOSIS: Left breast, lumpectomy: Invasive ductal carcinoma, Nottingham grade 
 """
 
 DEMO_SLIDES: list[DemoSlide] = [
-    DemoSlide("demo-lung-01", "lung", "TCGA-LUAD", (TUMOR, STROMA, LYMPHOCYTES, NECROSIS), _LUNG_REPORT),
+    DemoSlide("demo-lung-01", "lung", "TCGA-LUAD", (TUMOR, STROMA, LYMPHOCYTES, NECROSIS), _LUNG_REPORT, pen="green"),
     DemoSlide("demo-breast-01", "breast", "TCGA-BRCA", (TUMOR, STROMA, GLANDS, ADIPOSE), _BREAST_REPORT),
-    DemoSlide("demo-colon-01", "colon", "TCGA-COAD", (GLANDS, STROMA, LYMPHOCYTES, TUMOR), None),
+    DemoSlide("demo-colon-01", "colon", "TCGA-COAD", (GLANDS, STROMA, LYMPHOCYTES, TUMOR), None, pen="blue", defocus=True),
 ]
 
 DEMO_CELL_PX = 672
@@ -1007,6 +1159,20 @@ def _demo_levels(height: int, width: int, downsample: int = 4) -> int:
     return levels
 
 
+def demo_artefacts(spec: DemoSlide, label_map: np.ndarray) -> tuple[list[PenStroke], list[Defocus]]:
+    """The pen strokes and out-of-focus boxes a demo slide carries (placed on its tissue, at any scale)."""
+    pens, boxes = [], []
+    stroke = demo_pen_stroke(label_map, DEMO_CELL_PX, spec.pen) if spec.pen else None
+    if stroke is not None:
+        pens.append(stroke)
+    if spec.defocus:
+        below = int(max(stroke.y0, stroke.y1) + stroke.half_width) // DEMO_CELL_PX if stroke is not None else -1
+        box = demo_defocus(label_map, DEMO_CELL_PX, below_row=below)
+        if box is not None:
+            boxes.append(box)
+    return pens, boxes
+
+
 def make_demo(root: Path, *, seed: int = 0, scale: float = 1.0) -> Path:
     """Write the demo slides, reports and `data/slides.tsv` under `root`; return the manifest path.
 
@@ -1020,12 +1186,15 @@ def make_demo(root: Path, *, seed: int = 0, scale: float = 1.0) -> Path:
     for spec in DEMO_SLIDES:
         label_map = blob_label_map(rows, cols, list(spec.classes), seed=derive_seed(seed, spec.slide_id, "labels"))
         rel_slide = f"data/demo/{spec.slide_id}.svs"
+        pens, boxes = demo_artefacts(spec, label_map)
         write_synthetic_slide(
             root / rel_slide,
             label_map,
             cell_px=DEMO_CELL_PX,
             seed=derive_seed(seed, spec.slide_id, "texture"),
             levels=_demo_levels(rows * DEMO_CELL_PX, cols * DEMO_CELL_PX),
+            pen_strokes=pens,
+            defocus=boxes,
         )
         rel_report = ""
         if spec.report is not None:
