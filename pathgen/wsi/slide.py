@@ -15,11 +15,15 @@ GB of RGBA and RGB copies); peak memory is a few blocks plus the thumbnail.
 
 from __future__ import annotations
 
+import io
 import math
+import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import openslide
+import tifffile
 from PIL import Image
 
 from pathgen.errors import SlideError
@@ -44,8 +48,11 @@ class Slide:
         except (openslide.OpenSlideError, OSError) as exc:
             raise SlideError(f"{self._where}: cannot open: {exc}") from None
         self.mpp_override = mpp_override
+        self._tiles: TileReader | None | bool = False  # False: not probed yet
 
     def close(self) -> None:
+        if self._tiles:
+            self._tiles.close()
         self._osr.close()
 
     def __enter__(self) -> "Slide":
@@ -209,4 +216,187 @@ class Slide:
         image = self.read_region(x, y, level, read_size, read_size)
         if read_size != out_size:
             image = image.resize((out_size, out_size), Image.Resampling.LANCZOS)
+        return image
+
+    def read_patch_scaled(self, x: int, y: int, level: int, read_size: int, size: int) -> Image.Image | None:
+        """The patch `read_patch` would read, as an RGB `size` x `size` image decoded from the stored JPEG tiles.
+
+        For tiled-JPEG TIFF levels (Aperio layout), through `TileReader`: tiles are decoded at the
+        largest libjpeg DCT scale (1/2, 1/4, 1/8) that keeps at least `size` px, then reduced by an
+        exact box filter when an integer factor remains, else resized bicubically. None where the
+        tiles cannot serve the patch (another format or compression, a level OpenSlide composes
+        itself, a region off the image or over a missing tile): use `read_patch` then.
+        """
+        if self._tiles is False:
+            self._tiles = TileReader.open(self)
+        if self._tiles is None:
+            return None
+        return self._tiles.read_patch(x, y, level, read_size, size)
+
+
+# Vendors whose tiled pages OpenSlide shows as they are stored (no overlaps, no sparse-tile fills).
+_TILE_VENDORS = {"aperio", "generic-tiff"}
+_JPEG = 7
+_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR = 2, 6
+_DCT_SCALES = (8, 4, 2, 1)
+
+
+class TileReader:
+    """Patches of a tiled-JPEG TIFF read by decoding its stored tiles directly.
+
+    tifffile gives the layout (tile offsets and byte counts, JPEGTables); each tile's bytes are read
+    once with `os.pread` and decoded by PIL (libjpeg-turbo), optionally at a reduced DCT scale
+    (`Image.draft`), which is the cheap way to the model's input size: a 672 px patch for a 336 px
+    model decodes at 1/2 scale. Decoded tiles are kept in a small LRU cache, since neighbouring
+    patches share tiles. At full scale the pixels are OpenSlide's own (both decode the same JPEG
+    bitstream with libjpeg); each level is checked against OpenSlide on one tile before its first
+    use, and a level that disagrees (e.g. a colour space libjpeg would guess differently) is left
+    to OpenSlide.
+    """
+
+    CACHE_PIXELS = 16 * 1024 * 1024  # decoded tile pixels kept (about 48 MB of RGB)
+    MAX_MEAN_DIFF = 1.0  # mean |tile decode - OpenSlide| (0-255) accepted by the per-level check
+
+    def __init__(self, slide: Slide, tif: tifffile.TiffFile, pages: dict[int, tifffile.TiffPage]):
+        self._slide, self._tif, self._pages = slide, tif, pages
+        self._where = slide._where
+        self._fd = os.open(slide.path, os.O_RDONLY)
+        self._checked: dict[int, bool] = {}
+        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._cached_pixels = 0
+
+    @classmethod
+    def open(cls, slide: Slide) -> "TileReader | None":
+        """A reader for the slide's tiled-JPEG levels, or None when no level can be read by tiles."""
+        if slide.vendor not in _TILE_VENDORS:
+            return None
+        try:
+            tif = tifffile.TiffFile(slide.path)
+        except Exception:  # not a TIFF tifffile parses: OpenSlide reads it
+            return None
+        pages: dict[int, tifffile.TiffPage] = {}
+        for level, (width, height) in enumerate(slide.level_dimensions):
+            for page in tif.pages:
+                if (page.imagewidth, page.imagelength) == (width, height) and cls._readable(page):
+                    pages[level] = page
+                    break
+        if not pages:
+            tif.close()
+            return None
+        return cls(slide, tif, pages)
+
+    @staticmethod
+    def _readable(page: tifffile.TiffPage) -> bool:
+        return (page.is_tiled and page.compression == _JPEG and page.photometric in (_PHOTOMETRIC_RGB, _PHOTOMETRIC_YCBCR)
+                and page.samplesperpixel == 3 and page.bitspersample == 8 and page.planarconfig == 1
+                and page.imagedepth == 1 and page.tiledepth == 1)
+
+    def close(self) -> None:
+        self._tif.close()
+        os.close(self._fd)
+        self._cache.clear()
+
+    def _tile(self, page: tifffile.TiffPage, index: int, scale: int) -> np.ndarray | None:
+        """Tile `index` of `page` decoded at 1/`scale` (RGB uint8), None for a missing (sparse) tile."""
+        key = (page.index, index, scale)
+        tile = self._cache.get(key)
+        if tile is not None:
+            self._cache.move_to_end(key)
+            return tile
+        offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
+        if count == 0:
+            return None
+        try:
+            data = os.pread(self._fd, count, offset)
+            if len(data) != count:
+                raise OSError(f"tile {index} of TIFF page {page.index} ends past the end of the file")
+            tables = page.jpegtables
+            if tables:  # abbreviated tile stream: the tables' SOI..tables, then the tile after its SOI
+                data = bytes(tables[:-2]) + data[2:]
+            image = Image.open(io.BytesIO(data), formats=["JPEG"])
+            th, tw = page.tilelength, page.tilewidth
+            if scale > 1:
+                image.draft("RGB", (tw // scale, th // scale))
+            if image.size != (tw // scale, th // scale):
+                raise OSError(f"tile {index} of TIFF page {page.index} decodes to {image.size}, "
+                              f"not {(tw // scale, th // scale)}")
+            tile = np.asarray(image.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL raises these for broken JPEG data
+            raise SlideError(f"{self._where}: cannot decode tile {index} of TIFF page {page.index}: {exc}") from None
+        self._cache[key] = tile
+        self._cached_pixels += tile.shape[0] * tile.shape[1]
+        while self._cached_pixels > self.CACHE_PIXELS and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cached_pixels -= old.shape[0] * old.shape[1]
+        return tile
+
+    def region(self, level: int, left: int, top: int, width: int, height: int, scale: int = 1) -> np.ndarray | None:
+        """RGB uint8 (height/scale, width/scale, 3) of `level` at level coordinates, decoded at 1/`scale`.
+
+        `left`, `top`, `width` and `height` must be multiples of `scale`. None when the region leaves
+        the image or covers a missing tile.
+        """
+        page = self._pages[level]
+        if left < 0 or top < 0 or left + width > page.imagewidth or top + height > page.imagelength:
+            return None
+        tw, th = page.tilewidth, page.tilelength
+        across = -(-page.imagewidth // tw)
+        out = np.empty((height // scale, width // scale, 3), np.uint8)
+        for ty in range(top // th, (top + height - 1) // th + 1):
+            for tx in range(left // tw, (left + width - 1) // tw + 1):
+                tile = self._tile(page, ty * across + tx, scale)
+                if tile is None:
+                    return None
+                # the part of this tile inside the region, in level pixels
+                x0, x1 = max(left, tx * tw), min(left + width, (tx + 1) * tw)
+                y0, y1 = max(top, ty * th), min(top + height, (ty + 1) * th)
+                out[(y0 - top) // scale:(y1 - top) // scale, (x0 - left) // scale:(x1 - left) // scale] = \
+                    tile[(y0 - ty * th) // scale:(y1 - ty * th) // scale, (x0 - tx * tw) // scale:(x1 - tx * tw) // scale]
+        return out
+
+    def _level_ok(self, level: int) -> bool:
+        """Whether the tiles of `level` decode to OpenSlide's pixels (checked once, on its largest full tile)."""
+        if level not in self._checked:
+            page = self._pages[level]
+            tw, th = page.tilewidth, page.tilelength
+            across, down = page.imagewidth // tw, page.imagelength // th
+            full = [ty * (-(-page.imagewidth // tw)) + tx for ty in range(down) for tx in range(across)]
+            ok = False
+            if full:
+                counts = np.asarray(page.databytecounts)[full]
+                index = full[int(np.argmax(counts))]  # the most detailed tile: a colour mix-up shows there
+                ty, tx = divmod(index, -(-page.imagewidth // tw))
+                mine = self.region(level, tx * tw, ty * th, tw, th)
+                if mine is not None:
+                    ds = self._slide.level_downsamples[level]
+                    theirs = np.asarray(self._slide.read_region(round(tx * tw * ds), round(ty * th * ds), level, tw, th))
+                    ok = float(np.abs(mine.astype(np.int16) - theirs).mean()) <= self.MAX_MEAN_DIFF
+            self._checked[level] = ok
+        return self._checked[level]
+
+    def read_patch(self, x: int, y: int, level: int, read_size: int, size: int) -> Image.Image | None:
+        """See `Slide.read_patch_scaled`."""
+        if level not in self._pages:
+            return None
+        ds = self._slide.level_downsamples[level]
+        left, top = x / ds, y / ds
+        if left != int(left) or top != int(top):  # OpenSlide would resample: not a stored pixel grid
+            return None
+        left, top = int(left), int(top)
+        page = self._pages[level]
+        scale = next(s for s in _DCT_SCALES if s == 1 or (
+            read_size // s >= size and read_size % s == 0 and left % s == 0 and top % s == 0
+            and page.tilewidth % s == 0 and page.tilelength % s == 0))
+        if not self._level_ok(level):
+            return None
+        pixels = self.region(level, left, top, read_size, read_size, scale)
+        if pixels is None:
+            return None
+        image = Image.fromarray(pixels)
+        side = read_size // scale
+        if side != size:
+            if side % size == 0:
+                image = image.reduce(side // size)
+            else:
+                image = image.resize((size, size), Image.Resampling.BICUBIC)
         return image
