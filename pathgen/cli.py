@@ -85,7 +85,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
 
     def run() -> None:
         features = run_embed(args.wsi, args.slide_id, args.grid, params["clip"], params["embed"], args.out,
-                             _mpp(args.mpp), threads=args.threads, progress=not args.no_progress)
+                             _mpp(args.mpp), threads=args.threads, progress=not args.no_progress, readers=args.readers)
         log.info("embed %s: %d patches x %d dims", args.slide_id, *features.shape)
 
     _slide_step(args, run, lambda reason: write_quarantined_embeddings(args.slide_id, reason, args.out))
@@ -370,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", required=True, help="tile grid from `pathgen tile`")
     p.add_argument("--out", required=True, help="output embeddings store (.zarr directory)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--readers", type=int, default=None,
+                   help="patch-reading processes besides the forward pass (default 2; changes no output byte)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_embed)
 

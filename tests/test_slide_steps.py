@@ -139,10 +139,10 @@ def tiled(rect_slide, params, tmp_path_factory):
 
 def test_embed_writes_normalised_features_deterministically(rect_slide, tiled, clip_cfg, params, tmp_path):
     embed = dict(params["embed"], device="cpu", batch_size=8)
-    run_embed(rect_slide, "rect", tiled / "grid.parquet", clip_cfg, dict(embed, num_workers=2), tmp_path / "a.zarr",
-              progress=False)
-    run_embed(rect_slide, "rect", tiled / "grid.parquet", clip_cfg, dict(embed, num_workers=0), tmp_path / "b.zarr",
-              progress=False)
+    run_embed(rect_slide, "rect", tiled / "grid.parquet", clip_cfg, embed, tmp_path / "a.zarr", progress=False,
+              readers=2)
+    run_embed(rect_slide, "rect", tiled / "grid.parquet", clip_cfg, embed, tmp_path / "b.zarr", progress=False,
+              readers=0)
     features, coords, attrs = read_embeddings(tmp_path / "a.zarr")
     grid = pl.read_parquet(tiled / "grid.parquet")
     assert features.shape == (grid.height, 64)

@@ -97,10 +97,22 @@ def load_clip(cfg: dict[str, Any], device: str = "cpu") -> ClipModel:
 
 
 @torch.inference_mode()
-def encode_images(clip: ClipModel, batch: torch.Tensor) -> np.ndarray:
-    """L2-normalised image features (float32) of a preprocessed batch."""
-    features = clip.model.encode_image(batch.to(clip.device), normalize=True)
-    return features.float().cpu().numpy()
+def encode_images(clip: ClipModel, batch: torch.Tensor, autocast_dtype: torch.dtype | None = None,
+                  to_numpy: bool = True) -> np.ndarray | torch.Tensor:
+    """L2-normalised image features (float32) of a preprocessed batch.
+
+    With `autocast_dtype` (torch.bfloat16 or torch.float16) the forward pass runs under torch.autocast
+    on the model's device; the features are normalised in float32 either way. `to_numpy=False` leaves
+    them on the device (no synchronisation), for a caller that overlaps batches.
+    """
+    batch = batch.to(clip.device, non_blocking=True)
+    if autocast_dtype is None:
+        features = clip.model.encode_image(batch)
+    else:
+        with torch.autocast(device_type=clip.device.type, dtype=autocast_dtype):
+            features = clip.model.encode_image(batch)
+    features = torch.nn.functional.normalize(features.float(), dim=-1)
+    return features.cpu().numpy() if to_numpy else features
 
 
 @torch.inference_mode()
