@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 import polars as pl
 
 from pathgen.errors import PathgenError
-from pathgen.store.io import write_text
+from pathgen.store.io import atomic_path
 from pathgen.store.manifest import SLIDE_ID
 
 
@@ -113,15 +114,36 @@ def read_pathgen_json(json_path: str | Path) -> Listing:
     return Listing({wsi_id: list(pairs.values()) for wsi_id, pairs in groups.items()}, count, skipped, examples)
 
 
-def pathgen_records(manifest: pl.DataFrame) -> list[dict[str, Any]]:
-    """Rows in the released PathGen-1.6M JSON format: wsi_id, position (two strings), caption, file_id."""
-    return [
-        {"wsi_id": slide_id, "position": [str(x), str(y)], "caption": summary, "file_id": file_id}
-        for slide_id, x, y, summary, file_id in manifest.select("slide_id", "x", "y", "summary", "file_id").iter_rows()
-    ]
+EXPORT_COLUMNS = ("slide_id", "x", "y", "summary", "file_id")  # the manifest columns a record is made of
 
 
-def write_pathgen_json(records: list[dict[str, Any]], path: str | Path) -> None:
-    """Write records as a JSON list, one record per line (field order as released), atomically."""
-    lines = [json.dumps(rec, ensure_ascii=False) for rec in records]
-    write_text("[\n" + ",\n".join(lines) + ("\n" if lines else "") + "]\n", path)
+def pathgen_records(frames: pl.DataFrame | Iterable[pl.DataFrame]) -> Iterator[dict[str, Any]]:
+    """Rows in the released PathGen-1.6M JSON format: wsi_id, position (two strings), caption, file_id.
+
+    From a manifest frame, or from an iterable of them (e.g. its parts, read one at a time), lazily.
+    """
+    for frame in [frames] if isinstance(frames, pl.DataFrame) else frames:
+        for slide_id, x, y, summary, file_id in frame.select(EXPORT_COLUMNS).iter_rows():
+            yield {"wsi_id": slide_id, "position": [str(x), str(y)], "caption": summary, "file_id": file_id}
+
+
+def write_pathgen_json(records: Iterable[dict[str, Any]], path: str | Path, batch: int = 4096) -> None:
+    """Write records as a JSON list, one record per line (field order as released), atomically.
+
+    Streams: records are encoded and written `batch` at a time, never held all at once. The file is
+    "[", the records joined by ",<newline>", "]", each bracket on its own line.
+    """
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write("[\n")
+            lines: list[str] = []
+            first = True
+            for rec in records:
+                lines.append(json.dumps(rec, ensure_ascii=False))
+                if len(lines) == batch:
+                    fh.write(("" if first else ",\n") + ",\n".join(lines))
+                    first, lines = False, []
+            if lines:
+                fh.write(("" if first else ",\n") + ",\n".join(lines))
+                first = False
+            fh.write(("" if first else "\n") + "]\n")

@@ -28,23 +28,23 @@ import csv
 import hashlib
 import io
 import json
+import math
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import numpy as np
 import polars as pl
 
 from pathgen.errors import PathgenError
 from pathgen.interop.pathgen_json import pathgen_records, write_pathgen_json
 from pathgen.store.dataset import EXPORT_NAME, FAILURES_NAME, METRICS_NAME, PLOTS
-from pathgen.store.io import atomic_path, tar_member, write_json, write_parquet, write_text
+from pathgen.store.io import PARQUET_SETTINGS, atomic_path, tar_member, write_json, write_parquet, write_text
 from pathgen.store.manifest import SlideEntry
 from pathgen.store.patch_tars import member_name
 from pathgen.store.shards import pair_key
 from pathgen.store.status import QUARANTINED, read_status
 from pathgen.store.tables import require_columns, require_unique
-from pathgen.text.tokens import CONTEXT_LENGTH
 
 PART_SCHEMA = {
     "shard": pl.String,
@@ -294,44 +294,127 @@ def shard_slide_records(shard: str, slides: list[SlideEntry], data_dir: Path, pa
     return out
 
 
-def _percentile(values: np.ndarray, q: float) -> float | None:
-    return float(np.percentile(values, q)) if len(values) else None
+# A word of a text is what str.split() separates: a run of characters that are not whitespace as Python's
+# str.isspace() defines it, which is Unicode White_Space (the regex \s) plus the separators U+001C..U+001F.
+WORD = r"[^\s\x1c-\x1f]+"
 
 
-def _mean(values: np.ndarray) -> float | None:
-    return float(values.mean()) if len(values) else None
+def word_count(column: str) -> pl.Expr:
+    """The words of each text of `column`, `len(text.split())` (0 for a null text)."""
+    return pl.col(column).str.count_matches(WORD).fill_null(0)
 
 
-def dataset_metrics(manifest: pl.DataFrame, shards: list[str]) -> dict[str, Any]:
-    """Summary statistics of the assembled pairs (p95 by linear interpolation; percentages 0–100)."""
-    n = manifest.height
-    tokens = manifest["summary_tokens"].cast(pl.Float64).to_numpy()
-    words = np.array([len((d or "").split()) for d in manifest["description"]], np.float64)
-    summary_words = np.array([len((s or "").split()) for s in manifest["summary"]], np.float64)
+def percentile_of_counts(counts: list[tuple[int, int]], q: float) -> float | None:
+    """`np.percentile(values, q)` (linear interpolation) from (value, count) pairs of integer values, bit for bit.
 
-    def pct(mask: pl.Series) -> float | None:
-        return 100.0 * int(mask.sum()) / n if n else None
+    Follows numpy's arithmetic: virtual index (n - 1) * (q / 100), the two order statistics around it, and
+    numpy's lerp (from the upper one when the weight is >= 0.5). None when there are no values.
+    """
+    items = sorted((int(v), int(c)) for v, c in counts if c)
+    n = sum(c for _, c in items)
+    if not n:
+        return None
+
+    def value_at(rank: int) -> float:
+        seen = 0
+        for value, count in items:
+            seen += count
+            if rank < seen:
+                return float(value)
+        raise AssertionError(rank)
+
+    index = (n - 1) * (q / 100)
+    if index >= n - 1:
+        return float(items[-1][0])
+    lower = math.floor(index)
+    gamma = index - lower
+    a, b = value_at(lower), value_at(lower + 1)
+    diff = b - a
+    return b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma
+
+
+def _mean_of(total: int, nulls: int, n: int) -> float | None:
+    """The mean of n integer values summing to `total` (NaN when some are null, as numpy gives for NaN)."""
+    if not n:
+        return None
+    return math.nan if nulls else total / n  # an exact integer sum, divided once: what numpy's mean gives
+
+
+def _tokens_counts(frame: pl.DataFrame, where: str) -> list[tuple[int, int]]:
+    """(summary_tokens, pairs) of a frame grouped by summary_tokens, nulls left out; a negative count is an error."""
+    counts = [(int(t), int(c)) for t, c in frame.iter_rows() if t is not None]
+    negative = [t for t, _ in counts if t < 0]
+    if negative:
+        raise PathgenError(f"{where}: summary_tokens {min(negative)} is negative")
+    return counts
+
+
+def dataset_metrics(manifest: pl.DataFrame | pl.LazyFrame, shards: list[str]) -> dict[str, Any]:
+    """Summary statistics of the assembled pairs (p95 by linear interpolation; percentages 0–100).
+
+    Computed by aggregations over `manifest` (a lazy frame is scanned in streaming mode, never held whole):
+    counts, exact integer sums and the summary_tokens histogram.
+    """
+    return _metrics(*_aggregate(manifest.lazy(), "manifest"), shards)
+
+
+def _aggregate(lazy: pl.LazyFrame, where: str) -> tuple[dict[str, Any], list[tuple[int, int]], pl.DataFrame]:
+    """(counts and sums, summary_tokens histogram, pairs per tissue) of the pairs of `lazy`, streamed."""
+    def count(mask: pl.Expr) -> pl.Expr:
+        return mask.cast(pl.Int64).sum()
+
+    stats = lazy.select(
+        pairs=pl.len(),
+        slides=pl.col("slide_id").n_unique(),
+        summary_tokens_nulls=pl.col("summary_tokens").null_count(),
+        describe_tokens=pl.col("describe_tokens").cast(pl.Int64).sum(),
+        describe_tokens_nulls=pl.col("describe_tokens").null_count(),
+        description_words=word_count("description").cast(pl.Int64).sum(),
+        summary_words=word_count("summary").cast(pl.Int64).sum(),
+        description_truncated=count(pl.col("describe_finish") == "length"),
+        revised=count(pl.col("revise_status") == "applied"),
+        revise_unchanged=count(pl.col("revise_status") == "unchanged"),
+        revise_invalid=count(pl.col("revise_status") == "invalid"),
+        revise_unconstrained=count(~pl.col("revise_constrained").fill_null(False)),
+        summary_truncated=count(pl.col("summarize_finish") == "length"),
+        cut=count(pl.col("summary_cut").fill_null(False)),
+    )
+    tokens = lazy.group_by("summary_tokens").agg(pl.len()).sort("summary_tokens")
+    tissue = lazy.group_by("tissue").agg(pl.len().alias("pairs")).sort(["pairs", "tissue"], descending=[True, False])
+    # three queries, not one collect_all: sharing the scan between them caches its text columns
+    stats, tokens, tissue = (q.collect(engine="streaming") for q in (stats, tokens, tissue))
+    return stats.row(0, named=True), _tokens_counts(tokens, where), tissue
+
+
+def _metrics(stats: dict[str, Any], tokens: list[tuple[int, int]], tissue: pl.DataFrame,
+             shards: list[str]) -> dict[str, Any]:
+    n = int(stats["pairs"])
+
+    def pct(name: str) -> float | None:
+        return 100.0 * int(stats[name]) / n if n else None
 
     def r(value: float | None) -> float | None:
         return None if value is None else round(value, 6)
 
+    nulls = int(stats["summary_tokens_nulls"])
+    p95 = percentile_of_counts(tokens, 95)
     return {
         "pairs": n,
-        "slides": manifest["slide_id"].n_unique(),
+        "slides": int(stats["slides"]),
         "shards": len(shards),
-        "summary_tokens_mean": r(_mean(tokens)),
-        "summary_tokens_p95": r(_percentile(tokens, 95)),
-        "summary_words_mean": r(_mean(summary_words)),
-        "description_words_mean": r(_mean(words)),
-        "description_tokens_mean": r(_mean(manifest["describe_tokens"].cast(pl.Float64).to_numpy())),
+        "summary_tokens_mean": r(_mean_of(sum(t * c for t, c in tokens), nulls, n)),
+        "summary_tokens_p95": r(math.nan if nulls and n else p95),
+        "summary_words_mean": r(_mean_of(int(stats["summary_words"]), 0, n)),
+        "description_words_mean": r(_mean_of(int(stats["description_words"]), 0, n)),
+        "description_tokens_mean": r(_mean_of(int(stats["describe_tokens"] or 0), int(stats["describe_tokens_nulls"]), n)),
         # descriptions cut by describe.max_new_tokens: raise it when this is more than a few percent
-        "pct_description_truncated": r(pct(manifest["describe_finish"] == "length")),
-        "pct_revised": r(pct(manifest["revise_status"] == "applied")),
-        "pct_revise_unchanged": r(pct(manifest["revise_status"] == "unchanged")),
-        "pct_revise_invalid": r(pct(manifest["revise_status"] == "invalid")),
-        "pct_revise_unconstrained": r(pct(~manifest["revise_constrained"].fill_null(False))),
-        "pct_summary_truncated": r(pct(manifest["summarize_finish"] == "length")),
-        "pct_cut": r(pct(manifest["summary_cut"].fill_null(False))),
+        "pct_description_truncated": r(pct("description_truncated")),
+        "pct_revised": r(pct("revised")),
+        "pct_revise_unchanged": r(pct("revise_unchanged")),
+        "pct_revise_invalid": r(pct("revise_invalid")),
+        "pct_revise_unconstrained": r(pct("revise_unconstrained")),
+        "pct_summary_truncated": r(pct("summary_truncated")),
+        "pct_cut": r(pct("cut")),
     }
 
 
@@ -350,14 +433,85 @@ def _tsv_text(header: list[str], rows: list[list[Any]]) -> str:
     return "".join("\t".join(cell(v) for v in row) + "\n" for row in [header, *rows])
 
 
-def token_histogram(tokens: list[int]) -> list[list[int]]:
-    """[tokens, count] for every token count 0..77 (and beyond, up to the largest seen)."""
-    top = max([CONTEXT_LENGTH, *tokens]) if tokens else CONTEXT_LENGTH
-    counts = np.bincount(np.asarray(tokens, np.int64), minlength=top + 1) if tokens else np.zeros(top + 1, np.int64)
-    return [[t, int(c)] for t, c in enumerate(counts)]
+def token_histogram(counts: list[tuple[int, int]]) -> list[list[int]]:
+    """[tokens, count] for every token count 0..77 (and beyond, up to the largest seen), from (tokens, count)."""
+    top = max([CONTEXT_LENGTH, *(t for t, _ in counts)])
+    hist = [0] * (top + 1)
+    for t, c in counts:
+        hist[t] += c
+    return [[t, c] for t, c in enumerate(hist)]
 
 
 FAILURE_COLUMNS = ("shard", "slide_id", "step", "reason")
+# The histogram's range: CLIP's text context, pathgen.text.tokens.CONTEXT_LENGTH. Not imported from there:
+# that module loads open_clip and torch (~700 MB resident), which assembling never needs.
+CONTEXT_LENGTH = 77
+
+
+class _Part(NamedTuple):
+    """A shard's part file, checked: its pairs, and whether its keys are already strictly increasing."""
+
+    shard: str
+    path: Path
+    rows: int
+    ordered: bool
+
+
+def _scan(path: Path) -> pl.LazyFrame:
+    return pl.scan_parquet(path, glob=False, hive_partitioning=False)
+
+
+def _check_part(shard: str, path: Path) -> _Part:
+    """The part's row count and key order, read from its metadata and key column only."""
+    try:
+        schema = _scan(path).collect_schema()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise PathgenError(f"shard {shard}: {path} is not a readable parquet file "
+                           f"({' '.join(str(exc).split())[:200]}); re-assemble it") from None
+    if schema != pl.Schema(PART_SCHEMA):
+        raise PathgenError(f"shard {shard}: {path} does not have the assembled part schema; re-assemble it")
+    key = pl.col("key")
+    rows, nulls, ordered = _scan(path).select(
+        rows=pl.len(), nulls=key.null_count(), ordered=(key > key.shift(1)).all(),
+    ).collect(engine="streaming").row(0)
+    if nulls:
+        raise PathgenError(f"shard {shard}: {path} has {nulls} row(s) without a key; re-assemble it")
+    return _Part(shard, path, int(rows), bool(ordered))
+
+
+def _in_key_order(part: _Part, columns: list[str] | None = None) -> pl.LazyFrame:
+    """The part's rows sorted by key (as written by assemble_shard they already are: no sort then)."""
+    lazy = _scan(part.path)
+    lazy = lazy if part.ordered else lazy.sort("key")
+    return lazy if columns is None else lazy.select(columns)
+
+
+def _manifest(parts: list[_Part], columns: list[str] | None = None) -> pl.LazyFrame:
+    """Every pair, in shard order then key order, as a lazy concatenation of the part scans."""
+    if not parts:
+        empty = pl.LazyFrame(schema=PART_SCHEMA)
+        return empty if columns is None else empty.select(columns)
+    return pl.concat([_in_key_order(p, columns) for p in parts], how="vertical")
+
+
+def _first_duplicated_key(parts: list[_Part]) -> str | None:
+    """The first key, in manifest order, that is there more than once (a streaming group-by over keys only)."""
+    repeated = (_manifest(parts, ["key"]).with_row_index("row")
+                .group_by("key").agg(pl.len().alias("n"), pl.col("row").min().alias("first"))
+                .filter(pl.col("n") > 1).sort("first").head(1).collect(engine="streaming"))
+    return repeated["key"][0] if repeated.height else None
+
+
+def _export_frames(parts: list[_Part]) -> Iterator[pl.DataFrame]:
+    """The export's columns, one part at a time, in manifest order."""
+    for part in parts:
+        yield _in_key_order(part, ["slide_id", "x", "y", "summary", "file_id"]).collect()
+
+
+def _sink_parquet(lazy: pl.LazyFrame, path: Path) -> None:
+    """Stream `lazy` to `path` with the project's parquet settings, atomically (as write_parquet does)."""
+    with atomic_path(path) as tmp:
+        lazy.sink_parquet(tmp, **PARQUET_SETTINGS, engine="streaming")
 
 
 def assemble_dataset(out_dir: str | Path, shards: list[str], incomplete: dict[str, str] | None = None) -> dict[str, Any]:
@@ -366,13 +520,17 @@ def assemble_dataset(out_dir: str | Path, shards: list[str], incomplete: dict[st
 
     Returns the metrics. Every shard must have its tar and part in `out_dir`, except the shards of
     `incomplete` (shard -> why), which are left out and named in failures.tsv and the metrics.
+
+    Streams: the parts are scanned lazily (metrics and plots by aggregations, the manifest by a parquet
+    sink, the export part by part), so memory does not grow with the dataset's texts. Every check
+    (files, schema, keys) is done before the first file is written.
     """
     out_dir = Path(out_dir)
     incomplete = dict(sorted((incomplete or {}).items()))
     unknown = sorted(set(incomplete) - set(shards))
     if unknown:
         raise PathgenError(f"incomplete shard {unknown[0]} is not one of the dataset's shards")
-    parts: list[pl.DataFrame] = []
+    parts: list[_Part] = []
     sizes: dict[str, int] = {}
     slide_records: list[dict[str, Any]] = []
     for shard in shards:
@@ -382,20 +540,18 @@ def assemble_dataset(out_dir: str | Path, shards: list[str], incomplete: dict[st
         for path in (part_path, tar_path):
             if not path.is_file():
                 raise PathgenError(f"shard {shard}: {path} not found; assemble the shard first")
-        part = pl.read_parquet(part_path).sort("key")
-        if part.schema != pl.Schema(PART_SCHEMA):
-            raise PathgenError(f"shard {shard}: {part_path} does not have the assembled part schema; re-assemble it")
+        part = _check_part(shard, part_path)
         parts.append(part)
-        sizes[tar_path.name] = part.height
+        sizes[tar_path.name] = part.rows
         slides_path = out_dir / "parts" / f"{shard}.slides.json"
         if slides_path.is_file():
             slide_records.extend(json.loads(slides_path.read_text(encoding="utf-8")))
-    manifest = pl.concat(parts, how="vertical") if parts else pl.DataFrame(schema=PART_SCHEMA)
-    duplicated = manifest.filter(pl.col("key").is_duplicated())["key"]
-    if len(duplicated):
-        raise PathgenError(f"key '{duplicated[0]}' is in more than one shard")
+    duplicated = _first_duplicated_key(parts)
+    if duplicated is not None:
+        raise PathgenError(f"key '{duplicated}' is in more than one shard")
 
-    metrics = dataset_metrics(manifest, shards)
+    stats, tokens, tissue = _aggregate(_manifest(parts), "manifest")
+    metrics = _metrics(stats, tokens, tissue, shards)
     quarantined = [r for r in slide_records if r["status"] == QUARANTINED]
     metrics.update({
         "complete": not incomplete,
@@ -406,15 +562,13 @@ def assemble_dataset(out_dir: str | Path, shards: list[str], incomplete: dict[st
     })
     failures = [[r["shard"], r["slide_id"], r["step"], r["reason"]] for r in quarantined]
     failures += [[shard, "", "shard", why] for shard, why in incomplete.items()]
-    tissue = (manifest.group_by("tissue").agg(pl.len().alias("pairs"))
-              .sort(["pairs", "tissue"], descending=[True, False]))
-    plot_rows = {"caption_tokens.csv": token_histogram([int(t) for t in manifest["summary_tokens"].drop_nulls()]),
+    plot_rows = {"caption_tokens.csv": token_histogram(tokens),
                  "pairs_per_tissue.csv": [list(r) for r in tissue.iter_rows()]}
     for name, columns in PLOTS.items():
         write_text(_csv_text(list(columns), plot_rows[name]), out_dir / "plots" / name)
     write_text(_tsv_text(list(FAILURE_COLUMNS), sorted(failures)), out_dir / FAILURES_NAME)
-    write_pathgen_json(pathgen_records(manifest), out_dir / EXPORT_NAME)
+    write_pathgen_json(pathgen_records(_export_frames(parts)), out_dir / EXPORT_NAME)
     write_json(sizes, out_dir / "sizes.json")
-    write_parquet(manifest, out_dir / "manifest.parquet")
+    _sink_parquet(_manifest(parts), out_dir / "manifest.parquet")
     write_json(metrics, out_dir / METRICS_NAME)
     return metrics
