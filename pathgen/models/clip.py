@@ -7,6 +7,7 @@ builds the architecture and loads the checkpoint. Nothing is fetched from a hub.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ import torch
 from pathgen.errors import ModelError
 from pathgen.models.device import resolve_device
 from pathgen.models.fingerprint import file_sha256
+from pathgen.store.cache import ItemCache
+
+TEXT_CACHE_AGENT = "clip-text"  # item cache agent of text features: fingerprint = the CLIP's, payload = the text
 
 
 @dataclass
@@ -36,15 +40,20 @@ class ClipModel:
     checkpoint_sha256: str
 
 
-def clip_fingerprint(cfg: dict[str, Any]) -> tuple[str, str]:
-    """(fingerprint, checkpoint sha256) of the CLIP named by params.yaml's `clip` section."""
+def clip_fingerprint(cfg: dict[str, Any], store: str | Path | None = None) -> tuple[str, str]:
+    """(fingerprint, checkpoint sha256) of the CLIP named by params.yaml's `clip` section.
+
+    The checkpoint's sha256 is read from the hash store `store` (pathgen.models.fingerprint.hash_store)
+    while the file's identity is unchanged, so a job does not re-hash a 1.7 GB checkpoint; the value
+    is the content hash either way, so jobs with and without a store agree.
+    """
     checkpoint = Path(cfg["checkpoint"])
     if not checkpoint.is_file():
         raise ModelError(
             f"CLIP checkpoint {checkpoint} not found (params.yaml clip.checkpoint); "
             "run `pathgen models tiny` for the offline demo model or place the PathGen-CLIP-L weights there"
         )
-    ckpt_sha = file_sha256(checkpoint)
+    ckpt_sha = file_sha256(checkpoint, store)
     digest = hashlib.sha256()
     digest.update(json.dumps({k: cfg[k] for k in ("model", "force_quick_gelu", "input_size")}, sort_keys=True).encode())
     if cfg.get("config"):
@@ -53,8 +62,10 @@ def clip_fingerprint(cfg: dict[str, Any]) -> tuple[str, str]:
     return digest.hexdigest(), ckpt_sha
 
 
-def load_clip(cfg: dict[str, Any], device: str = "cpu") -> ClipModel:
-    """Build and load the CLIP named by params.yaml's `clip` section; ModelError names the file."""
+def load_clip(cfg: dict[str, Any], device: str = "cpu", store: str | Path | None = None) -> ClipModel:
+    """Build and load the CLIP named by params.yaml's `clip` section; ModelError names the file.
+
+    `store`: the checkpoint hash store for the fingerprint (`clip_fingerprint`)."""
     if cfg.get("config"):
         config_path = Path(cfg["config"])
         if not config_path.is_file():
@@ -68,7 +79,7 @@ def load_clip(cfg: dict[str, Any], device: str = "cpu") -> ClipModel:
             raise ModelError(f"open_clip model config {config_path} is not valid JSON: {exc}") from None
     if open_clip.get_model_config(cfg["model"]) is None:
         raise ModelError(f"unknown open_clip architecture '{cfg['model']}' (params.yaml clip.model)")
-    fingerprint, ckpt_sha = clip_fingerprint(cfg)
+    fingerprint, ckpt_sha = clip_fingerprint(cfg, store)
     torch_device = resolve_device(device)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
@@ -126,3 +137,66 @@ def encode_texts(clip: ClipModel, texts: list[str], batch_size: int = 64) -> np.
         tokens = clip.tokenizer(texts[start : start + batch_size]).to(clip.device)
         out.append(clip.model.encode_text(tokens, normalize=True).float().cpu().numpy())
     return np.concatenate(out)
+
+
+class LazyClip:
+    """The CLIP of a `clip` section, loaded on the first `get()` only; `loaded` says whether it was."""
+
+    def __init__(self, cfg: dict[str, Any], device: str = "cpu", store: str | Path | None = None):
+        self.cfg, self.device, self.store = cfg, device, store
+        self._clip: ClipModel | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._clip is not None
+
+    def get(self) -> ClipModel:
+        if self._clip is None:
+            self._clip = load_clip(self.cfg, self.device, self.store)
+        return self._clip
+
+
+def _vector_value(vector: np.ndarray) -> str:
+    """A text feature as a cache value: base64 of its exact little-endian float32 bytes."""
+    return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def _vector_from_value(value: Any) -> np.ndarray | None:
+    """The float32 vector of a cache value, or None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        return None
+    if not raw or len(raw) % 4:
+        return None
+    return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+
+
+def cached_text_features(clip: LazyClip, fingerprint: str, texts: list[str],
+                         cache: ItemCache | None) -> np.ndarray:
+    """L2-normalised text features (float32, one row per text), read from `cache` where it holds them.
+
+    `cache`: a pathgen.store.cache.ItemCache under `fingerprint` (agent TEXT_CACHE_AGENT), or None.
+    Its key is the CLIP's `fingerprint` and the text; its value is the vector's exact float32 bytes, so
+    a cached row is the computed row, byte for byte. The CLIP is loaded only when some text is missing.
+    A missing text is encoded alone (a batch of one), so its vector does not depend on which other
+    texts happened to be cached.
+    """
+    if not texts:
+        return np.zeros((0, 0), np.float32)
+    found = cache.get_many(texts) if cache is not None else [None] * len(texts)
+    rows: list[np.ndarray | None] = [_vector_from_value(v) for v in found]
+    if len({len(r) for r in rows if r is not None}) > 1:
+        rows = [None] * len(texts)  # inconsistent widths: trust none of them
+    missing = [i for i, row in enumerate(rows) if row is None]
+    if missing:
+        model = clip.get()
+        if model.fingerprint != fingerprint:
+            raise ModelError(f"CLIP checkpoint {clip.cfg['checkpoint']} changed while the job ran (fingerprint)")
+        for i in missing:
+            rows[i] = encode_texts(model, [texts[i]])[0]
+            if cache is not None:
+                cache.put(texts[i], _vector_value(rows[i]))
+    return np.stack(rows).astype(np.float32, copy=False)
