@@ -116,10 +116,18 @@ def cmd_select(args: argparse.Namespace) -> None:
 
     def run() -> None:
         info = json.loads(Path(args.info).read_text())
+        counters: dict[str, Any] = {}
         selection = run_select(args.slide_id, args.embeddings, args.prompts, args.thumbnail, info, params,
-                               args.out, args.overlay)
-        log.info("select %s: %d candidates, %d kept", args.slide_id, selection.height,
-                 int(selection["kept"].sum()))
+                               args.out, args.overlay, cache_dir=args.cache_dir, flush_every=args.flush_every,
+                               info=counters)
+        log.info("select %s: %d candidates, %d kept; text cache %s, model loaded: %s; k-means on %s, "
+                 "%s iterations", args.slide_id, selection.height, int(selection["kept"].sum()),
+                 counters.get("cache"), counters.get("clip_loaded"), counters.get("kmeans_device"),
+                 counters.get("kmeans_iterations"))
+        if args.stats:
+            from pathgen.store.io import write_json
+
+            write_json({"step": "select", "slide_id": args.slide_id, **counters}, args.stats)
 
     _slide_step(args, run, lambda reason: write_quarantined_selection(args.out, args.overlay))
 
@@ -393,6 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--info", required=True, help="slide info from `pathgen tile`")
     p.add_argument("--out", required=True, help="output selection (parquet)")
     p.add_argument("--overlay", required=True, help="output overlay (PNG)")
+    p.add_argument("--cache-dir", default=None,
+                   help="item-level cache root: prompt text features and the checkpoint hash store (default: none)")
+    p.add_argument("--flush-every", type=int, default=32)
+    p.add_argument("--stats", help="write the job's counters (text cache, model loaded, k-means) here (JSON)")
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("patches", help="cut the kept patches of one slide into a tar of JPEGs")

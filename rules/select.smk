@@ -5,7 +5,9 @@
 
 rule select:
     """Representative patches of a slide: report and attribute prompts, retrieval, k-means diversity,
-    near-duplicate filter; then the kept patches cut at full resolution into a deterministic tar of JPEGs.
+    near-duplicate filter (prompt text features through the item cache: a slide whose prompts were all
+    seen loads no CLIP; k-means on the GPU when the job has one); then the kept patches cut at full
+    resolution into a deterministic tar of JPEGs.
     A slide quarantined by its embed job, or here (an unreadable report), gets empty outputs."""
     input:
         wsi=slide_path,
@@ -47,7 +49,7 @@ rule select:
         " --after {input.embed_status} --status {output.status} --on-slide-error {ON_SLIDE_ERROR}"
         " --log {log.prompts}"
         " && pathgen select --slide-id {wildcards.slide} --embeddings {input.embeddings} --prompts {output.prompts}"
-        " --thumbnail {input.thumbnail} --info {input.info} --params-json {params.select:q}"
+        " --thumbnail {input.thumbnail} --info {input.info} --params-json {params.select:q} {params.cache}"
         " --out {output.selection} --overlay {output.overlay} --after {output.status} --status {output.status}"
         " --on-slide-error {ON_SLIDE_ERROR} --log {log.select}"
         " && pathgen patches {params.wsi:q} --slide-id {wildcards.slide} --mpp '{params.mpp}'"

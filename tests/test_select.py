@@ -1,19 +1,40 @@
 """Known answers for patch selection: top-k, k-means sampling, the near-duplicate filter, seeding."""
 
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
+import torch
+from PIL import Image
 
+from conftest import BIN, ROOT
+from pathgen.demo.tiny_models import TINY_CLIP_CONFIG, TINY_CLIP_NAME
+from pathgen.errors import PathgenError
+from pathgen.models import fingerprint as fingerprint_module
+from pathgen.models.clip import TEXT_CACHE_AGENT, LazyClip, cached_text_features, clip_fingerprint, encode_texts
+from pathgen.steps import select as select_module
+from pathgen.steps.prompts import PROMPT_SCHEMA
 from pathgen.steps.select import (
+    _centre_sums,
     cluster_sample,
     combine_scores,
     drop_probability,
+    kmeans,
     kmeans_labels,
     near_duplicate_filter,
+    run_select,
     select_patches,
     top_k,
 )
+from pathgen.store.cache import ItemCache
+from pathgen.store.embeddings import write_embeddings
 
 PARAMS = {
     "report_top_k": 64,
@@ -22,6 +43,8 @@ PARAMS = {
     "cluster_samples": 256,
     "kmeans_n_init": 1,
     "kmeans_max_iter": 100,
+    "kmeans_tol": 1e-4,
+    "device": "cpu",
     "similarity_threshold": 0.88,
     "drop_exponent": 1.0,
 }
@@ -184,3 +207,259 @@ def test_selection_of_empty_slide_is_empty():
     sel = select_patches(np.zeros((0, 16), np.float32), np.zeros((0, 2), np.int64), np.zeros((0, 16), np.float32),
                          np.zeros((3, 16), np.float32), PARAMS, 1, "empty", None)
     assert sel.height == 0
+
+
+# --- k-means: float32, one seeded k-means++ init, chunked -----------------------------------------------
+
+
+def test_kmeans_is_the_same_for_the_same_seed_and_any_thread_count():
+    features = blobs(2000, 20, seed=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kmeans(features, seed=11, n_init=1, max_iter=100)
+        torch.set_num_threads(2)
+        two = kmeans(features, seed=11, n_init=1, max_iter=100)
+    finally:
+        torch.set_num_threads(threads)
+    again = kmeans(features, seed=11, n_init=1, max_iter=100)
+    other = kmeans(features, seed=12, n_init=1, max_iter=100)
+    assert one.labels.tobytes() == two.labels.tobytes() == again.labels.tobytes()
+    assert one.inertia == again.inertia and one.device == "cpu" and one.iterations >= 1
+    assert other.labels.tobytes() != one.labels.tobytes()
+
+
+def test_kmeans_clusters_never_straddle_planted_blobs_and_match_sklearn_quality():
+    from sklearn.cluster import KMeans
+
+    features = blobs(1600, 10, spread=0.3, seed=4)  # 10 tight blobs, k = 40: each cluster inside one blob
+    truth = KMeans(n_clusters=10, n_init=10, random_state=0).fit_predict(features.astype(np.float64))
+    result = kmeans(features, seed=5, n_init=1, max_iter=100)
+    assert len(np.unique(result.labels)) == 40
+    for c in np.unique(result.labels):
+        assert len(np.unique(truth[result.labels == c])) == 1
+    reference = KMeans(n_clusters=40, n_init=1, random_state=5).fit(features.astype(np.float64))
+    assert result.inertia <= 1.02 * reference.inertia_
+
+
+def test_kmeans_more_inits_never_end_worse():
+    features = blobs(900, 40, spread=1.5, seed=6)
+    one, three = kmeans(features, seed=3, n_init=1), kmeans(features, seed=3, n_init=3)
+    assert three.inertia <= one.inertia
+
+
+def test_the_cuda_centre_sums_agree_with_index_add():
+    # The CUDA path sums one-hot blocks (deterministic); on CPU index_add_. Same sums, run on CPU here.
+    x = torch.from_numpy(blobs(1000, 7, seed=1))
+    labels = torch.from_numpy(np.random.default_rng(0).integers(0, 32, 1000))
+    index_add = _centre_sums(x, labels, 32, chunk=64)
+    onehot = torch.zeros_like(index_add)
+    for start in range(0, 1000, 64):
+        block = torch.nn.functional.one_hot(labels[start:start + 64], 32).to(x.dtype)
+        onehot.addmm_(block.T, x[start:start + 64])
+    assert torch.allclose(index_add, onehot, atol=1e-5)
+    expected = np.stack([x.numpy()[labels.numpy() == c].sum(0) for c in range(32)])
+    assert np.allclose(index_add.numpy(), expected, atol=1e-5)
+
+
+def test_kmeans_device_names_the_setting_when_cuda_is_absent():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(Exception, match="select.device"):
+        kmeans(blobs(50, 3), seed=0, device="cuda")
+
+
+MEMORY_PROBE = textwrap.dedent("""
+    import json, math, resource, sys
+    import numpy as np
+    from pathgen.steps.select import select_patches
+    n, dim = int(sys.argv[1]), int(sys.argv[2])
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((64, dim), dtype=np.float32)
+    features = np.empty((n, dim), np.float32)
+    for s in range(0, n, 4096):
+        m = min(4096, n - s)
+        b = centres[rng.integers(0, 64, m)] + 0.5 * rng.standard_normal((m, dim), dtype=np.float32)
+        features[s:s + m] = (b / np.linalg.norm(b, axis=1, keepdims=True)).astype(np.float16)
+    coords = np.zeros((n, 2), np.int64)
+    text = rng.standard_normal((30, dim), dtype=np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+    params = json.loads(sys.argv[3])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sel = select_patches(features, coords, text[:10], text[10:], params, 0, "probe", None)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"before": before, "peak": peak, "clusters": int(sel["cluster"].max()) + 1,
+                      "candidates": sel.height}))
+""")
+
+
+def test_select_memory_above_the_features_is_bounded():
+    """Peak RSS of select_patches, in its own process, above what the process held with the features in
+    memory: at most the features' size again (a float32 copy at most) plus 160 MiB (distance blocks of
+    32 MiB, scores, ranks). At N = 100,000, D = 768 that is a bound of 300 MB + 160 MiB over a baseline
+    of ~0.8 GB: under 2 GB (bench/select.py measures that case itself)."""
+    n, dim = 20000, 768
+    params = {**PARAMS, "kmeans_max_iter": 5}  # memory does not grow with iterations; time does
+    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(n), str(dim), json.dumps(params)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["clusters"] == math.ceil(math.sqrt(n)) and got["candidates"] > 256
+    feature_bytes = n * dim * 4
+    assert got["peak"] - got["before"] <= feature_bytes + (160 << 20), got
+
+
+def test_select_scales_past_the_old_quadratic_parts():
+    """cluster_sample and the filter at 100,000 patches: the sample stays balanced and the filter only
+    ever sees the candidates (its M x M matrix), never N x N."""
+    labels = np.random.default_rng(0).integers(0, 317, 100_000)
+    picked = cluster_sample(labels, 256, np.random.default_rng(1))
+    assert len(picked) == 256 == len(np.unique(labels[picked]))
+
+
+# --- prompt text features through the item cache ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """The tiny CLIP's architecture with plain random weights (build_tiny_clip's image calibration takes
+    ~40 s on 2 cores and only shapes image features; select encodes texts)."""
+    import open_clip
+
+    out = tmp_path_factory.mktemp("tiny-clip")
+    config = out / f"{TINY_CLIP_NAME}.json"
+    config.write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    checkpoint = out / "open_clip_model.pt"
+    torch.save(open_clip.create_model(TINY_CLIP_NAME, pretrained=None, force_quick_gelu=True).state_dict(), checkpoint)
+    return {"model": TINY_CLIP_NAME, "checkpoint": str(checkpoint), "config": str(out / f"{TINY_CLIP_NAME}.json"),
+            "force_quick_gelu": True, "input_size": 336}
+
+
+def slide_inputs(tmp_path: Path, clip_cfg: dict, n: int = 300, fingerprint: str | None = None) -> dict:
+    """An embeddings store, prompts, thumbnail and tile info for one synthetic slide."""
+    dim = 64
+    features = blobs(n, 8, dim=dim, seed=9)
+    side = math.ceil(math.sqrt(n))
+    grid = pl.DataFrame({"x": (np.arange(n) % side) * 672, "y": (np.arange(n) // side) * 672})
+    attrs = {"slide_id": "s1", "model_fingerprint": fingerprint or clip_fingerprint(clip_cfg)[0],
+             "patch": {"size": 672, "level": 0, "read_size": 672, "out_size": 336}}
+    write_embeddings(tmp_path / "s1.zarr", features, grid, attrs)
+    texts = [("report", "Invasive ductal carcinoma with a desmoplastic stroma."),
+             ("report", "Lymphovascular invasion is present."),
+             ("attribute", "An H&E image of breast tissue showing tumour nests."),
+             ("attribute", "An H&E image of breast tissue showing adipose tissue.")]
+    pl.DataFrame([("s1", kind, i, text, "test") for i, (kind, text) in enumerate(texts)], schema=PROMPT_SCHEMA,
+                 orient="row").write_parquet(tmp_path / "prompts.parquet")
+    Image.new("RGB", (side * 4, side * 4), "white").save(tmp_path / "thumb.png")
+    info = {"thumbnail_scale": [168.0, 168.0]}
+    (tmp_path / "info.json").write_text(json.dumps(info))
+    return {"embeddings": tmp_path / "s1.zarr", "prompts": tmp_path / "prompts.parquet",
+            "thumbnail": tmp_path / "thumb.png", "info": info, "texts": [t for _, t in texts]}
+
+
+def select_params(clip_cfg: dict) -> dict:
+    return {"seed": 0, "clip": clip_cfg, "select": PARAMS}
+
+
+def test_cached_text_features_are_the_computed_bytes_and_need_no_model(tiny_clip, tmp_path):
+    texts = ["Tumour cells in sheets.", "Necrosis.", "Tumour cells in sheets."]
+    fingerprint = clip_fingerprint(tiny_clip)[0]
+    with ItemCache(tmp_path / "cache", TEXT_CACHE_AGENT, fingerprint) as cache:
+        first = LazyClip(tiny_clip)
+        computed = cached_text_features(first, fingerprint, texts, cache)
+    assert first.loaded and computed.dtype == np.float32 and computed.shape[0] == 3
+    alone = encode_texts(first.get(), [texts[1]])[0]
+    assert computed[1].tobytes() == alone.tobytes()
+    with ItemCache(tmp_path / "cache", TEXT_CACHE_AGENT, fingerprint) as cache:
+        second = LazyClip({**tiny_clip, "checkpoint": str(tmp_path / "absent.pt")})  # loading it would fail
+        cached = cached_text_features(second, fingerprint, texts, cache)
+        assert cache.stats.hits == 3 and cache.stats.misses == 0
+    assert not second.loaded and cached.tobytes() == computed.tobytes()
+    # Another fingerprint is another key: nothing found, the model is needed.
+    with ItemCache(tmp_path / "cache", TEXT_CACHE_AGENT, "f" * 64) as cache:
+        with pytest.raises(Exception, match="absent.pt"):
+            cached_text_features(LazyClip({**tiny_clip, "checkpoint": str(tmp_path / "absent.pt")}), "f" * 64,
+                                 texts, cache)
+
+
+def test_a_select_whose_prompts_are_cached_loads_no_clip_and_selects_the_same_bytes(tiny_clip, tmp_path,
+                                                                                   monkeypatch):
+    inputs = slide_inputs(tmp_path, tiny_clip)
+    params = select_params(tiny_clip)
+    cache = tmp_path / "cache"
+
+    def run(name, cache_dir):
+        info = {}
+        run_select("s1", inputs["embeddings"], inputs["prompts"], inputs["thumbnail"], inputs["info"], params,
+                   tmp_path / f"{name}.parquet", tmp_path / f"{name}.png", cache_dir=cache_dir, info=info)
+        return info, (tmp_path / f"{name}.parquet").read_bytes()
+
+    uncached_info, uncached = run("uncached", None)
+    assert uncached_info["clip_loaded"] is True and uncached_info["cache"] is None
+    monkeypatch.setattr(fingerprint_module, "_known", {})  # a fresh job: this process hashed it already
+    first_info, first = run("first", cache)
+    assert first_info["clip_loaded"] is True and first_info["cache"]["misses"] == 4
+    assert (cache / ".checkpoint-hashes").is_dir() and (cache / TEXT_CACHE_AGENT).is_dir()
+
+    # The second job: no CLIP may be built, and the checkpoint hash comes from the hash store.
+    def no_clip(*args, **kwargs):
+        raise AssertionError("the CLIP was loaded")
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("the checkpoint was hashed again")
+
+    monkeypatch.setattr("pathgen.models.clip.load_clip", no_clip)
+    monkeypatch.setattr(fingerprint_module, "_known", {})
+    monkeypatch.setattr(fingerprint_module, "sha256_file", no_hashing)
+    second_info, second = run("second", cache)
+    assert second_info["clip_loaded"] is False
+    assert (second_info["cache"]["hits"], second_info["cache"]["misses"], second_info["cache"]["puts"]) == (4, 0, 0)
+    assert second == first == uncached
+    assert pl.read_parquet(tmp_path / "second.parquet")["by_report"].sum() == PARAMS["report_top_k"]
+
+
+def test_select_refuses_features_of_another_clip_in_one_line(tiny_clip, tmp_path):
+    inputs = slide_inputs(tmp_path, tiny_clip, fingerprint="0" * 64)
+    with pytest.raises(PathgenError, match="s1.zarr: embedded with a different CLIP") as err:
+        run_select("s1", inputs["embeddings"], inputs["prompts"], inputs["thumbnail"], inputs["info"],
+                   select_params(tiny_clip), tmp_path / "o.parquet", tmp_path / "o.png")
+    assert "\n" not in str(err.value)
+
+
+def test_the_select_command_writes_stats_and_a_cached_rerun_builds_no_clip(tiny_clip, tmp_path):
+    """As the rule runs it: `pathgen select ... --cache-dir`. The rerun's stats say loaded: false, and
+    to prove it the checkpoint is overwritten with garbage of the same identity (size, mtime, inode):
+    building the CLIP from it would fail."""
+    checkpoint = tmp_path / "clip.pt"
+    checkpoint.write_bytes(Path(tiny_clip["checkpoint"]).read_bytes())
+    clip_cfg = {**tiny_clip, "checkpoint": str(checkpoint)}
+    inputs = slide_inputs(tmp_path, clip_cfg)
+    (tmp_path / "info.json").write_text(json.dumps(inputs["info"]))
+
+    def argv(name):
+        return [str(BIN / "pathgen"), "select", "--slide-id", "s1", "--embeddings", str(inputs["embeddings"]),
+                "--prompts", str(inputs["prompts"]), "--thumbnail", str(inputs["thumbnail"]),
+                "--info", str(tmp_path / "info.json"), "--params-json", json.dumps(select_params(clip_cfg)),
+                "--cache-dir", str(tmp_path / "cache"), "--flush-every", "32",
+                "--out", str(tmp_path / f"{name}.parquet"), "--overlay", str(tmp_path / f"{name}.png"),
+                "--stats", str(tmp_path / f"{name}.stats.json")]
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(argv("first"), capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads((tmp_path / "first.stats.json").read_text())
+    assert first["clip_loaded"] is True and first["cache"]["misses"] == 4 and first["kmeans_device"] == "cpu"
+
+    st = os.stat(checkpoint)
+    with open(checkpoint, "r+b") as f:
+        f.write(os.urandom(st.st_size))
+    os.utime(checkpoint, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(checkpoint).st_ino == st.st_ino
+    proc = subprocess.run(argv("again"), capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((tmp_path / "again.stats.json").read_text())
+    assert again["clip_loaded"] is False and (again["cache"]["hits"], again["cache"]["misses"]) == (4, 0)
+    assert (tmp_path / "again.parquet").read_bytes() == (tmp_path / "first.parquet").read_bytes()

@@ -8,6 +8,9 @@
 2. Diversity: k-means on all patch features with k = ⌈√N⌉, and
    `cluster_samples` patches drawn round-robin over the clusters in a seeded
    order, so cluster counts differ by at most one unless a cluster runs out.
+   k-means (`kmeans`) is Lloyd's algorithm in float32 after a greedy k-means++
+   init (sklearn's), in torch on `select.device`, with distances computed in
+   chunks of rows so memory stays bounded (N x D features plus ~32 MiB).
 3. The union of the three sets, every reason recorded.
 4. Near-duplicate filter: pairs of candidates with cosine similarity s above
    the threshold t are visited from the most similar down; while both are
@@ -20,22 +23,34 @@
    cluster-only before retrieved, then the larger grid index.
 
 All randomness comes from (seed, slide id), so a slide's selection never
-depends on which other slides are in the run.
+depends on which other slides are in the run. On one device the selection is
+the same bytes for the same inputs (CPU: also for any thread count); a CUDA run
+may differ from a CPU run where float32 rounding flips a near-tie, as embed's
+features do.
+
+Prompt text features are read from the item cache (agent `clip-text`, keyed
+by the CLIP fingerprint and the text, values the exact float32 bytes): a slide
+whose prompts were all seen before loads no CLIP.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
+import torch
 from PIL import Image, ImageDraw
-from sklearn.cluster import KMeans
 
 from pathgen.errors import PathgenError
-from pathgen.models.clip import clip_fingerprint, encode_texts, load_clip
+from pathgen.models.clip import TEXT_CACHE_AGENT, LazyClip, cached_text_features, clip_fingerprint
+from pathgen.models.device import resolve_device
+from pathgen.models.fingerprint import hash_store
+from pathgen.store.cache import ItemCache
 from pathgen.store.embeddings import read_embeddings
 from pathgen.store.io import write_parquet, write_png
 from pathgen.store.seeds import derive_seed, rng_for
@@ -70,6 +85,9 @@ SELECTION_SCHEMA = {
 
 REASON_COLOURS = {"report": (220, 40, 40), "attribute": (245, 150, 20), "cluster": (40, 110, 235), "multi": (160, 40, 200)}
 DROPPED_COLOUR = (120, 120, 120)
+KMEANS_CHUNK_BYTES = 32 << 20  # distance block (rows x k float32) per step: bounds k-means memory
+
+log = logging.getLogger(__name__)
 
 
 def combine_scores(similarity: np.ndarray, how: str) -> np.ndarray | None:
@@ -95,16 +113,135 @@ def top_k(scores: np.ndarray | None, k: int) -> np.ndarray:
     return rank_order(scores)[:k]
 
 
-def kmeans_labels(features: np.ndarray, seed: int, n_init: int, max_iter: int) -> np.ndarray:
-    """Cluster labels from k-means with k = ⌈√N⌉ (paper: clusters grow with slide size)."""
+@dataclass
+class KMeansResult:
+    labels: np.ndarray  # int64, N
+    inertia: float  # sum of squared distances to the assigned centres
+    iterations: int  # Lloyd iterations of the kept init
+    device: str
+
+
+def _sq_norms(x: torch.Tensor) -> torch.Tensor:
+    return (x * x).sum(1)
+
+
+def _assign(x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nearest centre, squared distance) of every row; ties go to the lower centre index."""
+    c_sq = _sq_norms(centres)
+    labels = torch.empty(len(x), dtype=torch.int64, device=x.device)
+    dist = torch.empty(len(x), dtype=x.dtype, device=x.device)
+    for start in range(0, len(x), chunk):
+        block = torch.addmm(c_sq[None, :], x[start:start + chunk], centres.T, beta=1.0, alpha=-2.0)
+        block += x_sq[start:start + chunk, None]
+        dist[start:start + chunk], labels[start:start + chunk] = block.min(1)
+    return labels, dist.clamp_(min=0)
+
+
+def _centre_sums(x: torch.Tensor, labels: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """Per-cluster sums of rows. index_add_ is deterministic on CPU; on CUDA it uses float atomics, so
+    there the sums are one-hot matrix products (deterministic), chunk by chunk."""
+    sums = torch.zeros((k, x.shape[1]), dtype=x.dtype, device=x.device)
+    if x.device.type == "cpu":
+        return sums.index_add_(0, labels, x)
+    for start in range(0, len(x), chunk):
+        onehot = torch.nn.functional.one_hot(labels[start:start + chunk], k).to(x.dtype)
+        sums.addmm_(onehot.T, x[start:start + chunk])
+    return sums
+
+
+def _kmeans_pp(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ (Arthur & Vassilvitskii; sklearn's variant): each new centre is the best of
+    2 + ⌊ln k⌋ candidates drawn with probability proportional to the squared distance to the nearest
+    centre so far. Draws come from a CPU generator, so they do not depend on the device."""
+    n = len(x)
+    trials = 2 + int(math.log(k))
+    first = int(torch.randint(n, (1,), generator=gen))
+    chosen = [first]
+    closest = (x_sq - 2 * (x @ x[first]) + x_sq[first]).clamp_(min=0)
+    potential = closest.double().sum()
+    for _ in range(1, k):
+        draws = torch.rand(trials, generator=gen, dtype=torch.float64).to(x.device) * potential
+        candidates = torch.searchsorted(torch.cumsum(closest.double(), 0), draws).clamp_(max=n - 1)
+        dist = (x_sq[:, None] - 2 * (x @ x[candidates].T) + x_sq[candidates][None, :]).clamp_(min=0)
+        dist = torch.minimum(dist, closest[:, None])
+        potentials = dist.double().sum(0)
+        best = int(torch.argmin(potentials))
+        closest, potential = dist[:, best].contiguous(), potentials[best]
+        chosen.append(int(candidates[best]))
+    return x[chosen].clone()
+
+
+def _lloyd(x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor, max_iter: int, tol: float,
+           chunk: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Lloyd iterations until the labels stop changing, the centres move less than `tol` (total squared
+    shift) or `max_iter`; the labels returned are those of the centres returned."""
+    k = len(centres)
+    labels, dist = _assign(x, x_sq, centres, chunk)
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        counts = torch.bincount(labels, minlength=k)
+        new = _centre_sums(x, labels, k, chunk) / counts.clamp(min=1)[:, None].to(x.dtype)
+        empty = torch.nonzero(counts == 0).flatten()
+        if len(empty):
+            # An empty cluster takes the rows farthest from their centres (sklearn does the same).
+            far = torch.sort(dist, descending=True, stable=True).indices[: len(empty)]
+            new[empty] = x[far]
+        shift = float(((new - centres) ** 2).sum())
+        centres = new
+        new_labels, dist = _assign(x, x_sq, centres, chunk)
+        unchanged = bool(torch.equal(new_labels, labels))
+        labels = new_labels
+        if unchanged or shift <= tol:
+            break
+    return labels, dist, iterations
+
+
+def kmeans(features: np.ndarray, seed: int, n_init: int = 1, max_iter: int = 100, tol: float = 1e-4,
+           device: str = "cpu") -> KMeansResult:
+    """k-means with k = ⌈√N⌉ (paper: clusters grow with slide size) in float32.
+
+    `n_init` seeded k-means++ inits, each refined by Lloyd; the lowest inertia wins (the first on a tie).
+    `tol` is relative to the mean per-dimension variance, as in sklearn. `device`: 'auto', 'cpu', 'cuda'.
+    """
     n = len(features)
     if n == 0:
-        return np.zeros(0, np.int64)
+        return KMeansResult(np.zeros(0, np.int64), 0.0, 0, "cpu")
     k = math.ceil(math.sqrt(n))
     if k == 1:
-        return np.zeros(n, np.int64)
-    km = KMeans(n_clusters=k, n_init=n_init, max_iter=max_iter, random_state=seed % (2**32))
-    return km.fit_predict(features.astype(np.float64)).astype(np.int64)
+        return KMeansResult(np.zeros(n, np.int64), 0.0, 0, "cpu")
+    torch_device = resolve_device(device, "select.device")
+    variance = _mean_variance(features)
+    gen = torch.Generator().manual_seed(int(seed) % (2**63))
+    chunk = max(1, KMEANS_CHUNK_BYTES // (4 * k))
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(torch_device)
+        x_sq = _sq_norms(x)
+        best: KMeansResult | None = None
+        for _ in range(n_init):
+            centres = _kmeans_pp(x, x_sq, k, gen)
+            labels, dist, iterations = _lloyd(x, x_sq, centres, max_iter, tol * variance, chunk)
+            inertia = float(dist.double().sum())
+            if best is None or inertia < best.inertia:
+                best = KMeansResult(labels.cpu().numpy(), inertia, iterations, torch_device.type)
+    return best
+
+
+def _mean_variance(features: np.ndarray, rows: int = 8192) -> float:
+    """Mean over dimensions of the per-dimension variance, in float64, a block of rows at a time."""
+    total = np.zeros(features.shape[1])
+    squares = np.zeros(features.shape[1])
+    for start in range(0, len(features), rows):
+        block = features[start:start + rows].astype(np.float64)
+        total += block.sum(0)
+        squares += (block * block).sum(0)
+    mean = total / len(features)
+    return float(np.mean(np.maximum(squares / len(features) - mean * mean, 0.0)))
+
+
+def kmeans_labels(features: np.ndarray, seed: int, n_init: int, max_iter: int, tol: float = 1e-4,
+                  device: str = "cpu") -> np.ndarray:
+    """Cluster labels of `kmeans` (k = ⌈√N⌉)."""
+    return kmeans(features, seed, n_init, max_iter, tol, device).labels
 
 
 def cluster_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -121,7 +258,9 @@ def cluster_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.n
     for c in clusters:
         members = np.flatnonzero(labels == c)
         round_of[rng.permutation(members)] = np.arange(len(members))
-    order = np.lexsort((np.array([visit[int(c)] for c in labels]), round_of))
+    visit_of = np.zeros(int(clusters.max()) + 1, np.int64)
+    visit_of[clusters] = [visit[int(c)] for c in clusters]
+    order = np.lexsort((visit_of[labels], round_of))
     return np.sort(order[: min(n, len(labels))])
 
 
@@ -167,18 +306,25 @@ def near_duplicate_filter(features: np.ndarray, priority: np.ndarray, threshold:
 
 
 def select_patches(features: np.ndarray, coords: np.ndarray, report_text: np.ndarray, attribute_text: np.ndarray,
-                   params: dict[str, Any], seed: int, slide_id: str, geometry: dict[str, int] | None) -> pl.DataFrame:
+                   params: dict[str, Any], seed: int, slide_id: str, geometry: dict[str, int] | None,
+                   info: dict[str, Any] | None = None) -> pl.DataFrame:
     """Candidates of one slide with reasons, scores, clusters and the filter's verdict.
 
-    `params` is params.yaml's `select` section; text features are L2-normalised.
+    `params` is params.yaml's `select` section; text features are L2-normalised. `info`, when given,
+    receives the k-means device, iterations and inertia.
     """
+    features = np.ascontiguousarray(features, dtype=np.float32)
     n = len(features)
     report_scores = combine_scores(features @ report_text.T, params["combine"]) if len(report_text) else None
     attribute_scores = combine_scores(features @ attribute_text.T, params["combine"]) if len(attribute_text) else None
     by_report = top_k(report_scores, params["report_top_k"])
     by_attribute = top_k(attribute_scores, params["attribute_top_k"])
-    labels = kmeans_labels(features, derive_seed(seed, slide_id, "kmeans"), params["kmeans_n_init"],
-                           params["kmeans_max_iter"])
+    clustering = kmeans(features, derive_seed(seed, slide_id, "kmeans"), params["kmeans_n_init"],
+                        params["kmeans_max_iter"], params["kmeans_tol"], params["device"])
+    labels = clustering.labels
+    if info is not None:
+        info.update(kmeans_device=clustering.device, kmeans_iterations=clustering.iterations,
+                    kmeans_inertia=clustering.inertia)
     by_cluster = cluster_sample(labels, params["cluster_samples"], rng_for(seed, slide_id, "cluster-sample"))
 
     candidates = np.unique(np.concatenate([by_report, by_attribute, by_cluster])).astype(np.int64)
@@ -256,27 +402,53 @@ def draw_overlay(thumbnail: Image.Image, scale: tuple[float, float], selection: 
     return image
 
 
+def prompt_features(clip_cfg: dict[str, Any], fingerprint: str, texts: list[str], cache_dir: str | Path | None,
+                    flush_every: int = 32, info: dict[str, Any] | None = None) -> np.ndarray:
+    """CLIP text features of `texts` (float32 rows), through the item cache under `cache_dir` (None: not
+    cached); the CLIP (on CPU: the text tower is cheap and CPU rows are reproducible) is loaded only
+    for texts the cache lacks. `info` receives the cache counters and whether the CLIP was loaded."""
+    clip = LazyClip(clip_cfg, "cpu", hash_store(cache_dir) if cache_dir is not None else None)
+    cache = ItemCache(cache_dir, TEXT_CACHE_AGENT, fingerprint, flush_every) if cache_dir is not None else None
+    try:
+        features = cached_text_features(clip, fingerprint, texts, cache)
+    finally:
+        if cache is not None:
+            cache.close()
+    if info is not None:
+        info.update(cache=cache.stats.as_dict() if cache is not None else None, clip_loaded=clip.loaded)
+    return features
+
+
 def run_select(slide_id: str, embeddings: str | Path, prompts: str | Path, thumbnail: str | Path,
-               tile_info: dict[str, Any], params: dict[str, Any], out: str | Path, overlay_out: str | Path) -> pl.DataFrame:
+               tile_info: dict[str, Any], params: dict[str, Any], out: str | Path, overlay_out: str | Path,
+               cache_dir: str | Path | None = None, flush_every: int = 32,
+               info: dict[str, Any] | None = None) -> pl.DataFrame:
     """The select step: read features and prompts, write the selection parquet and overlay PNG.
 
-    `params` holds the `seed`, `clip` and `select` sections of params.yaml.
+    `params` holds the `seed`, `clip` and `select` sections of params.yaml. Prompt features come
+    through the item cache under `cache_dir` (`prompt_features`); the CLIP's fingerprint reads the
+    checkpoint hash from the hash store there. `info` (a dict) receives counters: cache hits and
+    misses, clip_loaded, k-means device and iterations.
     """
+    info = {} if info is None else info
     features, coords, attrs = read_embeddings(embeddings)
-    fingerprint, _ = clip_fingerprint(params["clip"])
+    fingerprint, _ = clip_fingerprint(params["clip"], hash_store(cache_dir) if cache_dir is not None else None)
     if attrs.get("model_fingerprint") != fingerprint:
         raise PathgenError(f"{embeddings}: embedded with a different CLIP than params.yaml clip names; re-run embed")
     prompt_rows = pl.read_parquet(prompts)
     report = prompt_rows.filter(pl.col("kind") == "report")["text"].to_list()
     attribute = prompt_rows.filter(pl.col("kind") == "attribute")["text"].to_list()
     dim = features.shape[1]
-    if report or attribute:
-        clip = load_clip(params["clip"], "cpu")
-        report_text, attribute_text = encode_texts(clip, report), encode_texts(clip, attribute)
-    else:
-        report_text = attribute_text = np.zeros((0, dim), np.float32)
-    selection = select_patches(features, coords, report_text.reshape(-1, dim), attribute_text.reshape(-1, dim),
-                               params["select"], params["seed"], slide_id, attrs.get("patch"))
+    texts = report + attribute if len(features) else []  # no patches: nothing to retrieve, no model
+    text_features = prompt_features(params["clip"], fingerprint, texts, cache_dir, flush_every, info)
+    if len(text_features) and text_features.shape[1] != dim:
+        raise PathgenError(f"{embeddings}: features have {dim} dimensions but the CLIP's text features "
+                           f"{text_features.shape[1]}; re-run embed")
+    if not len(text_features):
+        text_features = np.zeros((0, dim), np.float32)
+    report_text, attribute_text = text_features[: len(report)], text_features[len(report):]
+    selection = select_patches(features, coords, report_text, attribute_text, params["select"], params["seed"],
+                               slide_id, attrs.get("patch"), info)
     scale = tuple(tile_info["thumbnail_scale"])
     write_png(draw_overlay(Image.open(thumbnail), scale, selection), overlay_out)
     write_parquet(selection, out)
