@@ -2,8 +2,10 @@
 
 Used by the demo slides (`pathgen.demo.slides`: a marker stroke and an out-of-focus region) and by
 the quality-control tests and benchmark (`qc_patches`: labelled 336 px patches with a known
-artefact). Everything here is integer arithmetic, or float64 add / multiply / compare (IEEE-exact),
-so a pixel is a deterministic function of its inputs on every x86-64 CPU:
+artefact). Per pixel, everything here is integer arithmetic or float64 add / multiply / divide /
+compare (correctly rounded), so a pixel is a deterministic function of its inputs on every x86-64
+CPU; the only transcendental values are constants (the fold layer's colour, rounded to 1/256 once)
+and the random stroke angles of `qc_patches` (one cos / sin per test patch, not used by the demo):
 
 * marker ink is a per-channel transmittance in 1/256 units (`INKS`), applied multiplicatively over
   what lies under it (ink sits on the coverslip or the section and absorbs what passes through),
@@ -110,9 +112,9 @@ QC_CLASSES = ("clean", "background", "pen", "fold", "blur")
 _PATCH = 672  # level-0 px of a patch (the pipeline's crop); reduced 2x to the model's 336 px
 
 
-def _line_through(rng: np.random.Generator, size: int) -> tuple[tuple[float, float], tuple[float, float]]:
-    """A segment crossing a size x size patch at a random angle through a point near its middle."""
-    cx, cy = rng.uniform(0.3, 0.7, 2) * size
+def _line_through(rng: np.random.Generator, size: int, spread: float = 0.2) -> tuple[tuple[float, float], tuple[float, float]]:
+    """A segment crossing a size x size patch at a random angle through a point within `spread` of its middle."""
+    cx, cy = rng.uniform(0.5 - spread, 0.5 + spread, 2) * size
     ang = rng.uniform(0.0, math.pi)
     ca, sa = math.cos(ang), math.sin(ang)
     return (cx - 2 * size * ca, cy - 2 * size * sa), (cx + 2 * size * ca, cy + 2 * size * sa)
@@ -133,7 +135,17 @@ def _to_model_input(rgb: np.ndarray, jpeg_quality: int) -> np.ndarray:
     return np.asarray(image)
 
 
-def qc_patches(per_class: int, seed: int = 0, jpeg_quality: int = 85) -> Iterator[tuple[str, dict, np.ndarray]]:
+# Severity ranges of the planted artefacts: the clear cases (the tests' known answers) and milder ones,
+# below and around the default thresholds, that the benchmark reports recall on.
+SEVERITY = {
+    "clear": {"tissue": (0.0, 0.2), "pen_half": (30.0, 200.0), "pen_cover": (0.08, 1.0),
+              "fold_half": (60.0, 250.0), "fold_cover": (0.10, 1.0), "radius": (3, 7)},
+    "mild": {"tissue": (0.2, 0.5), "pen_half": (8.0, 40.0), "pen_cover": (0.01, 0.08),
+             "fold_half": (20.0, 80.0), "fold_cover": (0.03, 0.10), "radius": (1, 2)},
+}
+
+
+def qc_patches(per_class: int, seed: int = 0, jpeg_quality: int = 85, severity: str = "clear") -> Iterator[tuple[str, dict, np.ndarray]]:
     """`per_class` patches of each of QC_CLASSES as (label, details, uint8 RGB 336 x 336 x 3), deterministic.
 
     Each is a 672 px level-0 tile of the demo renderer (tissue classes drawn in turn), its artefact
@@ -145,8 +157,13 @@ def qc_patches(per_class: int, seed: int = 0, jpeg_quality: int = 85) -> Iterato
     * pen: a stroke of green, blue or black ink, 60-400 px wide, crossing the patch (8 % of it or more);
     * fold: a band 120-500 px wide of tissue seen through a dense second layer (10 % of the patch or more);
     * blur: the whole patch defocused, box radius 3-7 px at level 0 (two passes: Gaussian sigma
-      1.4-3.4 px at 336 px).
+      1.4-3.1 px at 336 px).
+
+    `severity="mild"` plants weaker ones instead (SEVERITY): 20-50 % tissue, strokes covering 1-8 %,
+    folds 3-10 %, box radius 1-2 (sigma 0.6-1.0 px at 336 px).
     """
+    sev = SEVERITY[severity]
+    spread = 0.2 if severity == "clear" else 0.5
     from pathgen.demo.slides import ADIPOSE, BACKGROUND, GLANDS, LYMPHOCYTES, NECROSIS, STROMA, TUMOR, _SlideRenderer
 
     tissue = [TUMOR, STROMA, GLANDS, LYMPHOCYTES, ADIPOSE, NECROSIS]
@@ -162,10 +179,10 @@ def qc_patches(per_class: int, seed: int = 0, jpeg_quality: int = 85) -> Iterato
             ty, tx = divmod(k, len(tissue))
             k += 1
             rgb = np.asarray(renderer.render(ty, tx))
-            rng = rng_for(seed, "qc", label, str(i))
+            rng = rng_for(seed, "qc", severity, label, str(i)) if severity != "clear" else rng_for(seed, "qc", label, str(i))
             details: dict = {"tissue": int(label_map[ty, tx])}
             if label == "background":
-                frac = float(rng.uniform(0.0, 0.2))
+                frac = float(rng.uniform(*sev["tissue"]))
                 # tissue on one side of a line: a half-plane whose share of the patch is `frac`
                 ang = float(rng.uniform(0, 2 * math.pi))
                 nx, ny = math.cos(ang), math.sin(ang)
@@ -177,24 +194,24 @@ def qc_patches(per_class: int, seed: int = 0, jpeg_quality: int = 85) -> Iterato
             elif label == "pen":
                 ink = ("green", "blue", "black")[i % 3]
                 while True:
-                    p0, p1 = _line_through(rng, _PATCH)
-                    half = float(rng.uniform(30.0, 200.0))
+                    p0, p1 = _line_through(rng, _PATCH, spread)
+                    half = float(rng.uniform(*sev["pen_half"]))
                     alpha = segment_alpha(coords, coords, p0, p1, half)
-                    if (alpha >= 128).mean() >= 0.08:
+                    if sev["pen_cover"][0] <= (alpha >= 128).mean() < sev["pen_cover"][1]:
                         break
                 rgb = apply_ink(rgb, alpha, INKS[ink])
                 details.update(ink=ink, width=2 * half, cover=float((alpha >= 128).mean()))
             elif label == "fold":
                 while True:
-                    p0, p1 = _line_through(rng, _PATCH)
-                    half = float(rng.uniform(60.0, 250.0))
+                    p0, p1 = _line_through(rng, _PATCH, spread)
+                    half = float(rng.uniform(*sev["fold_half"]))
                     alpha = segment_alpha(coords, coords, p0, p1, half, edge=20.0)
-                    if (alpha >= 128).mean() >= 0.10:
+                    if sev["fold_cover"][0] <= (alpha >= 128).mean() < sev["fold_cover"][1]:
                         break
                 rgb = fold(rgb, alpha)
                 details.update(width=2 * half, cover=float((alpha >= 128).mean()))
             elif label == "blur":
-                radius = int(rng.integers(3, 8))
+                radius = int(rng.integers(sev["radius"][0], sev["radius"][1] + 1))
                 rgb = box_blur(rgb, radius)
                 details["radius"] = radius
             yield label, details, _to_model_input(rgb, jpeg_quality)

@@ -24,21 +24,50 @@ Per-pixel classes (max, min = the brightest and darkest channel, chroma = max - 
   dark yet coloured: overlapping layers of stained tissue. The darkest nuclear chromatin reaches it
   in a few pixels; a fold covers a band.
 
-Per-patch measures (`measure`): the fraction of the patch's pixels in each class, and
-`laplacian_variance`, the classical focus measure (variance of the Laplacian of the grey image,
-as slideflow and HistoQC use): integer luma (ITU-R 601, 299 R + 587 G + 114 B over 1000, as
-PIL's "L"), the 4-neighbour integer Laplacian, and its variance over the pixels whose 3 x 3
-neighbourhood holds no glass (tissue only: glass is flat at any focus, and a half-glass patch
-would otherwise look blurred; with fewer than MIN_TISSUE_PIXELS such pixels, over the whole patch).
+Per-patch measures (`measure`, MEASURES):
+
+* background_fraction: the share of the patch's GLASS_BLOCK x GLASS_BLOCK blocks that are glass
+  (>= GLASS_BLOCK_SHARE of their pixels) with only glass blocks within OPEN_GLASS_BLOCKS blocks
+  (48 px, ~24 um): glass away from any tissue. The plain glass pixel share counts the empty fat
+  cells of adipose tissue as glass (0.74-0.95 on synthetic adipose, as much as a patch at the
+  section's edge); open glass does not (<= 0.05 there), while a patch with 20 % tissue still has
+  >= 0.58 of it. Blocks, so a dust speck or a JPEG ringing pixel does not break up the glass.
+* glass_fraction: the plain share of glass pixels (reported, not checked).
+* pen_fraction, dark_fraction: the share of pen and of dark pixels.
+* laplacian_variance: the classical focus measure (variance of the Laplacian of the grey image,
+  Pertuz et al. 2013's LAPV; HistoQC's BlurDetectionModule uses it locally, and
+  `cv2.Laplacian(grey).var()` is the common recipe): integer luma (ITU-R 601, 299 R + 587 G + 114 B over 1000, as
+  PIL's "L"), the 4-neighbour integer Laplacian, and its variance over the pixels whose 3 x 3
+  neighbourhood holds no glass (tissue only: glass is flat at any focus, and a half-glass patch
+  would otherwise look blurred; with fewer than MIN_TISSUE_PIXELS such pixels, over the whole
+  patch). Low: out of focus.
 
 `qc_reasons(measures, thresholds)` gives each patch the first failing check in a fixed order:
 background, pen, fold, blur (or None). THRESHOLDS holds the defaults (params.yaml `select.qc`).
 
-Known-answer figures (bench/quality.py, 600 synthetic 336 px patches, 120 per class: demo-renderer
-tissue of six classes, JPEG q85 decoded at half scale; planted glass with 0-20 % tissue, green /
-blue / black strokes 60-400 level-0 px wide covering >= 8 %, fold bands covering >= 10 %, defocus
-of Gaussian sigma 1.4-3.4 px at 336 px) at the defaults: see the table in bench/quality.py's
-docstring; tests/test_quality.py asserts floors on a smaller set.
+Known-answer figures, `python bench/quality.py` (defaults: 120 patches per class and seed 0; demo-renderer
+tissue of six textures, JPEG q85 decoded at half scale as the tile reader does) at THRESHOLDS:
+
+* clear artefacts (glass with 0-20 % tissue; green / blue / black strokes covering >= 8 %; fold
+  bands covering >= 10 %; defocus of Gaussian sigma 1.4-3.1 px at 336 px): recall 1.000 and
+  precision 1.000 for every reason, clean tissue kept 120 / 120. Margins: open glass 0.586 (least
+  of the glass patches) against 0.099 (most of any other); pen 0.090 against 0.000; dark 0.162
+  against 0.018; Laplacian variance 290 (least of clean tissue: stroma) against 136 (most of the
+  defocused: lymphocytes at sigma 1.4).
+* mild artefacts, around the thresholds (20-50 % tissue, strokes 1-8 %, folds 3-10 %, sigma 0.6-1.0
+  px): recall background 0.425 (0.93 under 30 % tissue, 0 above 40 %), pen 0.458 (1.00 above 6 %
+  cover, 0 under 4 %), fold 0.042 (under its 10 % threshold by construction), blur 0.417 (0.71 at
+  sigma 1.0, 0.19 at 0.6); precision 1.000 but blur 0.943 (3 mostly-glass patches called blur);
+  clean tissue kept 120 / 120.
+* cost: 4-5.5 ms per 336 px patch (batches of 64, one thread, x86-64 under load).
+* demo slides (the tile step's tissue patches, read as the embed reader does): every patch with
+  >= 10 % of the marker stroke is flagged pen (scale 1.0: 16 lung + 21 colon; 0.35: 7 + 7), every
+  patch wholly in the out-of-focus block blur (9; 0.35: 4), and no other patch is flagged.
+
+The thresholds are calibrated on the synthetic set only; the Laplacian variance depends on the
+scanner, stain and JPEG quality of a cohort, so check min_laplacian_variance on its patches (the
+benchmark's per-class ranges show the margins to look at) before trusting it.
+tests/test_quality.py asserts floors (recall and precision >= 0.9 per reason) on a smaller set.
 """
 
 from __future__ import annotations
