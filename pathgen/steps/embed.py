@@ -83,10 +83,9 @@ class ModelInput:
 
     def normalize(self, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
         """uint8 (N, H, W, 3) pixels -> the model's float32 (N, 3, H, W) input, on `device`."""
-        if self.mean.device != device:
-            self.mean, self.std = self.mean.to(device), self.std.to(device)
+        mean, std = (self.mean, self.std) if device.type == "cpu" else (self.mean.to(device), self.std.to(device))
         batch = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
-        return batch.float().div(255).sub(self.mean).div(self.std)
+        return batch.float().div(255).sub(mean).div(std)
 
     def pixels_to_input(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, 3) pixels -> the model's float32 (3, H, W) input: a table lookup per channel."""
