@@ -162,9 +162,11 @@ def _kmeans_pp(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator
     for _ in range(1, k):
         draws = torch.rand(trials, generator=gen, dtype=torch.float64).to(x.device) * potential
         candidates = torch.searchsorted(torch.cumsum(closest.double(), 0), draws).clamp_(max=n - 1)
-        dist = (x_sq[:, None] - 2 * (x @ x[candidates].T) + x_sq[candidates][None, :]).clamp_(min=0)
-        dist = torch.minimum(dist, closest[:, None])
-        potentials = dist.double().sum(0)
+        # In place: this step reads all of x once per centre, so its temporaries are what is left to save.
+        dist = torch.addmm(x_sq[candidates][None, :], x, x[candidates].T, beta=1.0, alpha=-2.0)
+        dist.add_(x_sq[:, None]).clamp_(min=0)
+        torch.minimum(dist, closest[:, None], out=dist)
+        potentials = dist.sum(0, dtype=torch.float64)
         best = int(torch.argmin(potentials))
         closest, potential = dist[:, best].contiguous(), potentials[best]
         chosen.append(int(candidates[best]))
