@@ -679,6 +679,10 @@ def test_dataset_errors_name_the_culprit_and_write_nothing(tmp_path):
     _assemble_fails(out, shards, r"shard 00002: .*00002\.parquet is not a readable parquet file")
     write_parquet(part.with_columns(key=pl.lit(None, pl.String)), out / "parts" / "00002.parquet")
     _assemble_fails(out, shards, r"shard 00002: .*00002\.parquet has 25 row\(s\) without a key")
+    negative = part.with_columns(summary_tokens=pl.when(pl.col("key") == part["key"][3]).then(-3)
+                                 .otherwise(pl.col("summary_tokens")).cast(pl.Int32))
+    write_parquet(negative, out / "parts" / "00002.parquet")
+    _assemble_fails(out, shards, re.escape(f"shard 00002, key '{part['key'][3]}': summary_tokens -3 is negative"))
     write_parquet(part, out / "parts" / "00002.parquet")
 
     (out / "00003.tar").unlink()

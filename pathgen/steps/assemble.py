@@ -340,13 +340,11 @@ def _mean_of(total: int, nulls: int, n: int) -> float | None:
     return math.nan if nulls else total / n  # an exact integer sum, divided once: what numpy's mean gives
 
 
-def _tokens_counts(frame: pl.DataFrame, where: str) -> list[tuple[int, int]]:
-    """(summary_tokens, pairs) of a frame grouped by summary_tokens, nulls left out; a negative count is an error."""
-    counts = [(int(t), int(c)) for t, c in frame.iter_rows() if t is not None]
-    negative = [t for t, _ in counts if t < 0]
-    if negative:
-        raise PathgenError(f"{where}: summary_tokens {min(negative)} is negative")
-    return counts
+def _negative_tokens(lazy: pl.LazyFrame) -> None:
+    """PathgenError naming the first pair (shard, key) whose summary_tokens is negative."""
+    bad = lazy.select("shard", "key", "summary_tokens").filter(pl.col("summary_tokens") < 0).head(1).collect()
+    shard, key, tokens = bad.row(0)
+    raise PathgenError(f"shard {shard}, key '{key}': summary_tokens {tokens} is negative")
 
 
 def dataset_metrics(manifest: pl.DataFrame | pl.LazyFrame, shards: list[str]) -> dict[str, Any]:
@@ -355,11 +353,14 @@ def dataset_metrics(manifest: pl.DataFrame | pl.LazyFrame, shards: list[str]) ->
     Computed by aggregations over `manifest` (a lazy frame is scanned in streaming mode, never held whole):
     counts, exact integer sums and the summary_tokens histogram.
     """
-    return _metrics(*_aggregate(manifest.lazy(), "manifest"), shards)
+    return _metrics(*_aggregate(manifest.lazy()), shards)
 
 
-def _aggregate(lazy: pl.LazyFrame, where: str) -> tuple[dict[str, Any], list[tuple[int, int]], pl.DataFrame]:
-    """(counts and sums, summary_tokens histogram, pairs per tissue) of the pairs of `lazy`, streamed."""
+def _aggregate(lazy: pl.LazyFrame) -> tuple[dict[str, Any], list[tuple[int, int]], pl.DataFrame]:
+    """(counts and sums, summary_tokens histogram, pairs per tissue) of the pairs of `lazy`, streamed.
+
+    The histogram is (tokens, pairs) in tokens order, nulls left out; a negative count is an error.
+    """
     def count(mask: pl.Expr) -> pl.Expr:
         return mask.cast(pl.Int64).sum()
 
@@ -380,10 +381,14 @@ def _aggregate(lazy: pl.LazyFrame, where: str) -> tuple[dict[str, Any], list[tup
         cut=count(pl.col("summary_cut").fill_null(False)),
     )
     tokens = lazy.group_by("summary_tokens").agg(pl.len()).sort("summary_tokens")
-    tissue = lazy.group_by("tissue").agg(pl.len().alias("pairs")).sort(["pairs", "tissue"], descending=[True, False])
+    tissue = (lazy.group_by("tissue").agg(pl.len().alias("pairs"))
+              .sort(["pairs", "tissue"], descending=[True, False]))
     # three queries, not one collect_all: sharing the scan between them caches its text columns
     stats, tokens, tissue = (q.collect(engine="streaming") for q in (stats, tokens, tissue))
-    return stats.row(0, named=True), _tokens_counts(tokens, where), tissue
+    counts = [(int(t), int(c)) for t, c in tokens.iter_rows() if t is not None]
+    if counts and counts[0][0] < 0:
+        _negative_tokens(lazy)
+    return stats.row(0, named=True), counts, tissue
 
 
 def _metrics(stats: dict[str, Any], tokens: list[tuple[int, int]], tissue: pl.DataFrame,
@@ -406,7 +411,8 @@ def _metrics(stats: dict[str, Any], tokens: list[tuple[int, int]], tissue: pl.Da
         "summary_tokens_p95": r(math.nan if nulls and n else p95),
         "summary_words_mean": r(_mean_of(int(stats["summary_words"]), 0, n)),
         "description_words_mean": r(_mean_of(int(stats["description_words"]), 0, n)),
-        "description_tokens_mean": r(_mean_of(int(stats["describe_tokens"] or 0), int(stats["describe_tokens_nulls"]), n)),
+        "description_tokens_mean": r(_mean_of(int(stats["describe_tokens"] or 0), int(stats["describe_tokens_nulls"]),
+                                              n)),
         # descriptions cut by describe.max_new_tokens: raise it when this is more than a few percent
         "pct_description_truncated": r(pct("description_truncated")),
         "pct_revised": r(pct("revised")),
@@ -550,7 +556,7 @@ def assemble_dataset(out_dir: str | Path, shards: list[str], incomplete: dict[st
     if duplicated is not None:
         raise PathgenError(f"key '{duplicated}' is in more than one shard")
 
-    stats, tokens, tissue = _aggregate(_manifest(parts), "manifest")
+    stats, tokens, tissue = _aggregate(_manifest(parts))
     metrics = _metrics(stats, tokens, tissue, shards)
     quarantined = [r for r in slide_records if r["status"] == QUARANTINED]
     metrics.update({
