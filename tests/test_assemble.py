@@ -25,7 +25,7 @@ from PIL import Image
 from pathgen.demo.slides import rectangle_label_map, write_synthetic_slide
 from pathgen.errors import PathgenError
 from pathgen.interop.importer import import_pathgen_json
-from pathgen.interop.pathgen_json import read_pathgen_json
+from pathgen.interop.pathgen_json import read_pathgen_json, write_pathgen_json
 from pathgen.steps.assemble import PART_SCHEMA, assemble_dataset, assemble_shard, percentile_of_counts, word_count
 from pathgen.steps.select import SELECTION_SCHEMA
 from pathgen.store.dataset import EXPORT_NAME
@@ -689,3 +689,27 @@ def test_dataset_errors_name_the_culprit_and_write_nothing(tmp_path):
     _assemble_fails(out, shards, r"shard 00003: .*00003\.tar not found; assemble the shard first")
     (out / "parts" / "00001.parquet").unlink()  # the first missing shard in shard order is named
     _assemble_fails(out, shards, r"shard 00001: .*parts/00001\.parquet not found; assemble the shard first")
+
+
+def test_word_count_is_str_split_for_every_code_point():
+    chars = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    texts = [f"a{c}b {c}" for c in chars]
+    counted = pl.DataFrame({"t": texts}).select(word_count("t"))["t"].to_list()
+    assert [c for c, n, t in zip(chars, counted, texts) if n != len(t.split())] == []
+
+
+def test_export_is_written_atomically(tmp_path):
+    path = tmp_path / EXPORT_NAME
+    path.write_text("previous\n")
+
+    def records():
+        yield {"wsi_id": "W", "position": ["0", "0"], "caption": "c", "file_id": None}
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        write_pathgen_json(records(), path, batch=1)  # the first record is already written when it fails
+    assert path.read_text() == "previous\n" and [p.name for p in tmp_path.iterdir()] == [EXPORT_NAME]
+    write_pathgen_json(iter([{"wsi_id": "W", "position": ["0", "0"], "caption": "ç", "file_id": None}] * 3), path,
+                       batch=2)
+    assert path.read_text() == '[\n' + ',\n'.join(['{"wsi_id": "W", "position": ["0", "0"], "caption": "ç", '
+                                                   '"file_id": null}'] * 3) + '\n]\n'
