@@ -27,6 +27,7 @@ rule embed:
         mem_mb=4000,
         runtime=80,
         gpu=GPU["embed"],
+        readers=2,  # patch-reading processes besides the forward's threads; they change no output byte
     log:
         tile="logs/tile/{slide}.log",
         embed="logs/embed/{slide}.log",
@@ -36,4 +37,5 @@ rule embed:
         " --info {output.info} --status {output.status} --on-slide-error {ON_SLIDE_ERROR} --log {log.tile}"
         " && pathgen embed {params.wsi:q} --slide-id {wildcards.slide} --mpp '{params.mpp}'"
         " --params-json {params.embed:q} --grid {output.grid} --out {output.embeddings} --threads {threads}"
+        " --readers {resources.readers}"
         " --after {output.status} --status {output.status} --on-slide-error {ON_SLIDE_ERROR} --log {log.embed}"
