@@ -190,8 +190,7 @@ def embed_patches(clip: ClipModel, dataset: PatchDataset, batch_size: int, reade
                 raise SlideError(error)
             if batch.dtype == torch.uint8:
                 batch = dataset.model_input.normalize(batch, clip.device)
-            model_batch = batch
-            launched = (indices, encode_images(clip, model_batch, autocast_dtype, to_numpy=False))
+            launched = (indices, encode_images(clip, batch, autocast_dtype, to_numpy=False))
             if pending is not None:
                 collect()
             pending = launched
