@@ -20,6 +20,14 @@ the released PathGen-1.6M JSON format (`pathgen-1.6m.json`), and
 jobs did not complete (`incomplete`: the run's failed jobs, passed by the
 workflow's onerror handler, so that a failed run still leaves the dataset of
 what succeeded, never the previous build's).
+
+`assemble_dataset` streams over the parts and never holds the dataset's texts:
+the manifest is a parquet sink over lazy scans of the parts (in shard order,
+each in key order), metrics and plots are aggregations (exact integer sums,
+the summary_tokens histogram, p95 as np.percentile computes it from that
+histogram), the export is written part by part, and keys are checked unique
+by a streaming group-by. About 0.9 GB peak RSS for 1.6M pairs of 100-300-word
+texts, where holding them took 11 GB (bench/assemble.py); the same bytes.
 """
 
 from __future__ import annotations
