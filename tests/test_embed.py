@@ -218,3 +218,22 @@ def test_a_broken_tile_is_a_slide_error_naming_the_slide(slide_path, grid_files,
             run_embed(broken, SLIDE, grid_files / "grid.parquet", clip_cfg, embed, tmp_path / "e.zarr",
                       progress=False, readers=readers)
     assert not (tmp_path / "e.zarr").exists()
+
+
+def test_tile_reader_other_scales_match_a_resize_of_openslides_region(slide_path, grid):
+    x, y = grid.row(0, named=True)["x"], grid.row(0, named=True)["y"]
+    with Slide(slide_path, SLIDE) as slide:
+        # integer factors: DCT scale and/or an exact box reduce, against a box resize; else against a bicubic one
+        # measured over the demo lung slide, worst patch mean |diff|: 0.82, 0.14 and 1.57
+        for read_size, size, expected, tolerance in ((1344, 336, Image.Resampling.BOX, 1.0),
+                                                     (672, 224, Image.Resampling.BOX, 0.5),
+                                                     (1000, 336, Image.Resampling.BICUBIC, 2.0)):
+            mine = slide.read_patch_scaled(x, y, 0, read_size, size)
+            theirs = slide.read_region(x, y, 0, read_size, read_size).resize((size, size), expected)
+            assert mine.size == (size, size)
+            diff = np.abs(np.asarray(mine, np.int16) - np.asarray(theirs, np.int16))
+            assert diff.mean() <= tolerance, (read_size, size, diff.mean())
+        # a region origin off the DCT grid is decoded at full scale, then reduced: still close
+        odd = slide.read_patch_scaled(x + 1, y + 1, 0, 672, 336)
+        box = slide.read_region(x + 1, y + 1, 0, 672, 672).reduce(2)
+        assert np.abs(np.asarray(odd, np.int16) - np.asarray(box, np.int16)).max() == 0

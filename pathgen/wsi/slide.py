@@ -222,8 +222,9 @@ class Slide:
         """The patch `read_patch` would read, as an RGB `size` x `size` image decoded from the stored JPEG tiles.
 
         For tiled-JPEG TIFF levels (Aperio layout), through `TileReader`: tiles are decoded at the
-        largest libjpeg DCT scale (1/2, 1/4, 1/8) that keeps at least `size` px, then reduced by an
-        exact box filter when an integer factor remains, else resized bicubically. None where the
+        largest libjpeg DCT scale (1/2, 1/4, 1/8) that keeps at least `size` px and leaves an integer
+        factor, which an exact box filter then reduces (672 -> 336: decoded at 1/2, nothing left);
+        where no scale leaves one, at the largest that keeps `size` px, then resized bicubically. None where the
         tiles cannot serve the patch (another format or compression, a level OpenSlide composes
         itself, a region off the image or over a missing tile): use `read_patch` then.
         """
@@ -384,9 +385,11 @@ class TileReader:
             return None
         left, top = int(left), int(top)
         page = self._pages[level]
-        scale = next(s for s in _DCT_SCALES if s == 1 or (
+        usable = [s for s in _DCT_SCALES if s == 1 or (
             read_size // s >= size and read_size % s == 0 and left % s == 0 and top % s == 0
-            and page.tilewidth % s == 0 and page.tilelength % s == 0))
+            and page.tilewidth % s == 0 and page.tilelength % s == 0)]
+        # the largest DCT scale that leaves an exact integer reduction, else the largest one
+        scale = next((s for s in usable if (read_size // s) % size == 0), usable[0])
         if not self._level_ok(level):
             return None
         pixels = self.region(level, left, top, read_size, read_size, scale)
