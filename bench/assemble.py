@@ -24,10 +24,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# `python bench/assemble.py` puts bench/ first on sys.path, where bench/select.py would shadow the
-# standard library's select (which subprocess imports): drop it, the project root goes in its place.
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
 import argparse

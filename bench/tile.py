@@ -26,19 +26,14 @@ This parent process imports only the standard library, so it adds nothing to its
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import subprocess
 import sys
-
-# This script's folder would shadow the standard library for the imports below (bench/select.py is `select`).
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import tempfile
+import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCH = 672

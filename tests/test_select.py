@@ -19,7 +19,6 @@ from pathgen.demo.tiny_models import TINY_CLIP_CONFIG, TINY_CLIP_NAME
 from pathgen.errors import PathgenError
 from pathgen.models import fingerprint as fingerprint_module
 from pathgen.models.clip import TEXT_CACHE_AGENT, LazyClip, cached_text_features, clip_fingerprint, encode_texts
-from pathgen.steps import select as select_module
 from pathgen.steps.prompts import PROMPT_SCHEMA
 from pathgen.steps.select import (
     _centre_sums,
@@ -297,7 +296,7 @@ def test_select_memory_above_the_features_is_bounded():
     """Peak RSS of select_patches, in its own process, above what the process held with the features in
     memory: at most the features' size again (a float32 copy at most) plus 160 MiB (distance blocks of
     32 MiB, scores, ranks). At N = 100,000, D = 768 that is a bound of 300 MB + 160 MiB over a baseline
-    of ~0.8 GB: under 2 GB (bench/select.py measures that case itself)."""
+    of ~0.8 GB: under 2 GB (bench/selection.py measures that case itself)."""
     n, dim = 20000, 768
     params = {**PARAMS, "kmeans_max_iter": 5}  # memory does not grow with iterations; time does
     proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(n), str(dim), json.dumps(params)],
@@ -311,7 +310,7 @@ def test_select_memory_above_the_features_is_bounded():
 
 
 def test_cluster_sample_of_a_100k_patch_slide_takes_one_patch_from_each_of_256_clusters():
-    # k = 317 clusters > 256 samples: the first round alone fills the sample (bench/select.py times it).
+    # k = 317 clusters > 256 samples: the first round alone fills the sample (bench/selection.py times it).
     labels = np.random.default_rng(0).integers(0, 317, 100_000)
     picked = cluster_sample(labels, 256, np.random.default_rng(1))
     assert len(picked) == 256 == len(np.unique(labels[picked]))

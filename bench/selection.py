@@ -1,6 +1,6 @@
 """select on large slides: seconds and peak memory of the new k-means selection against the old one.
 
-    python bench/select.py [--sizes 10000,30000,100000] [--variants new,sk32,old] [--old-max-n 100000]
+    python bench/selection.py [--sizes 10000,30000,100000] [--variants new,sk32,old] [--old-max-n 100000]
                            [--dim 768] [--threads 2]
 
 Synthetic slide: N L2-normalised float16 features (D = 768), patches drawn around 64 random directions
