@@ -149,7 +149,14 @@ def _collate(items):
     if errors:
         return None, None, errors[0]
     indices = torch.tensor([i for i, _, _ in items])
-    return indices, torch.stack([t for _, t, _ in items]), None
+    tensors = [t for _, t, _ in items]
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        # In a reader process: stack straight into shared memory, as torch's default_collate does, so the
+        # batch is not copied again on its way to the main process.
+        storage = tensors[0]._typed_storage()._new_shared(len(tensors) * tensors[0].numel(), device="cpu")
+        out = tensors[0].new(storage).resize_(len(tensors), *tensors[0].shape)
+    return indices, torch.stack(tensors, out=out), None
 
 
 def embed_patches(clip: ClipModel, dataset: PatchDataset, batch_size: int, readers: int,
