@@ -22,23 +22,18 @@ Reads data/tiles/ and the manifest (run `make demo` first); writes only to a tem
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import io
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-# Python puts this script's folder first on the path, and bench/ holds scripts named like standard
-# modules (select.py would shadow `select`): keep it off.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import io  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import polars as pl  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import polars as pl
+import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -93,7 +88,7 @@ def bench_new_read(slides, grids, model_input, reader, normalize, limit) -> tupl
         grid = grids[entry.slide_id].head(limit or grids[entry.slide_id].height)
         dataset = PatchDataset(entry.path, entry.slide_id, entry.mpp, grid, model_input, reader, normalize)
         for index in range(len(dataset)):
-            _, pixels, error = dataset[index]
+            _, pixels, _, error = dataset[index]
             if error:
                 raise SystemExit(error)
             count += 1
@@ -124,7 +119,7 @@ def bench_e2e(slides, params, limit, threads, readers, clip=None, precision=None
                                        ModelInput(clip.preprocess, clip.input_size), params["embed"]["reader"],
                                        normalize=clip.device.type == "cpu")
                 workers = min(readers, max(0, len(dataset) // params["embed"]["batch_size"]))
-                count += len(embed_patches(clip, dataset, params["embed"]["batch_size"], workers, precision, False))
+                count += len(embed_patches(clip, dataset, params["embed"]["batch_size"], workers, precision, False)[0])
                 continue
             if limit:
                 grid_path = Path(tmp) / f"{entry.slide_id}.parquet"

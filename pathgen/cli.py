@@ -120,10 +120,10 @@ def cmd_select(args: argparse.Namespace) -> None:
         selection = run_select(args.slide_id, args.embeddings, args.prompts, args.thumbnail, info, params,
                                args.out, args.overlay, cache_dir=args.cache_dir, flush_every=args.flush_every,
                                info=counters)
-        log.info("select %s: %d candidates, %d kept; text cache %s, model loaded: %s; k-means on %s, "
-                 "%s iterations", args.slide_id, selection.height, int(selection["kept"].sum()),
-                 counters.get("cache"), counters.get("clip_loaded"), counters.get("kmeans_device"),
-                 counters.get("kmeans_iterations"))
+        log.info("select %s: %d rows, %d kept, left out by quality control: %s; text cache %s, model loaded: %s; "
+                 "k-means on %s, %s iterations", args.slide_id, selection.height, int(selection["kept"].sum()),
+                 counters.get("qc_excluded") or "none", counters.get("cache"), counters.get("clip_loaded"),
+                 counters.get("kmeans_device"), counters.get("kmeans_iterations"))
         if args.stats:
             from pathgen.store.io import write_json
 

@@ -26,7 +26,8 @@ from pathgen.errors import ModelError, SlideError
 from pathgen.models.clip import load_clip
 from pathgen.steps.embed import ModelInput, PatchDataset, embed_patches, resolve_precision, run_embed
 from pathgen.steps.tile import run_tile
-from pathgen.store.embeddings import read_embeddings
+from pathgen.store.embeddings import read_embeddings, read_quality
+from pathgen.wsi.quality import MEASURES, measure
 from pathgen.wsi.slide import Slide
 
 SLIDE = "demo-lung-01"
@@ -85,7 +86,7 @@ def grid(grid_files):
 def features(clip, slide_path, grid, model_input, reader, precision="fp32", batch_size=16, readers=0,
              normalize=True):
     dataset = PatchDataset(slide_path, SLIDE, None, grid, model_input, reader, normalize=normalize)
-    return embed_patches(clip, dataset, batch_size, readers, precision, progress=False)
+    return embed_patches(clip, dataset, batch_size, readers, precision, progress=False)[0]
 
 
 def cosines(a, b):
@@ -173,6 +174,14 @@ def test_run_embed_records_precision_and_reader(slide_path, grid_files, clip_cfg
     feats, _, attrs = read_embeddings(tmp_path / "e.zarr")
     assert attrs["precision"] == "fp32" and attrs["reader"] == "tiles"
     assert feats.shape == (N_PATCHES, 64)
+    # the reader processes measured each patch's quality on exactly the pixels the model saw
+    stored = read_quality(tmp_path / "e.zarr")
+    model_input = ModelInput(load_clip(clip_cfg, "cpu").preprocess, 336)
+    dataset = PatchDataset(slide_path, SLIDE, None, pl.read_parquet(grid_files / "grid.parquet"), model_input, "tiles")
+    expected = measure(np.stack([np.asarray(dataset.read(i).convert("RGB")) for i in range(len(dataset))]))
+    assert sorted(stored) == sorted(MEASURES)
+    for name in MEASURES:
+        assert np.array_equal(stored[name], expected[name]), name
 
 
 def test_formats_the_tiles_cannot_serve_fall_back_to_openslide(clip, tmp_path, model_input):
@@ -193,8 +202,8 @@ def test_formats_the_tiles_cannot_serve_fall_back_to_openslide(clip, tmp_path, m
     for path in (lzw, jpeg):
         fast = PatchDataset(path, path.stem, None, frame, model_input, "tiles")
         ref = PatchDataset(path, path.stem, None, frame, model_input, "openslide")
-        a = embed_patches(clip, fast, 3, 0, progress=False)
-        b = embed_patches(clip, ref, 3, 0, progress=False)
+        a = embed_patches(clip, fast, 3, 0, progress=False)[0]
+        b = embed_patches(clip, ref, 3, 0, progress=False)[0]
         if path is lzw:
             assert np.array_equal(a, b)
         else:

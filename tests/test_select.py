@@ -28,12 +28,14 @@ from pathgen.steps.select import (
     kmeans,
     kmeans_labels,
     near_duplicate_filter,
+    QC_COLOURS,
     run_select,
     select_patches,
     top_k,
 )
 from pathgen.store.cache import ItemCache
 from pathgen.store.embeddings import write_embeddings
+from pathgen.wsi.quality import MEASURES, THRESHOLDS
 
 PARAMS = {
     "report_top_k": 64,
@@ -46,6 +48,7 @@ PARAMS = {
     "device": "cpu",
     "similarity_threshold": 0.88,
     "drop_exponent": 1.0,
+    "qc": dict(THRESHOLDS),
 }
 
 
@@ -202,6 +205,36 @@ def test_selection_is_seeded_by_seed_and_slide():
     assert not a.select("tile", "kept").equals(d.select("tile", "kept"))
 
 
+def test_quality_control_leaves_failing_patches_out_of_retrieval_clustering_and_the_filter():
+    features, coords, report, attribute = make_inputs()
+    n = len(features)
+    full = select_patches(features, coords, report, attribute, PARAMS, 1, "s1", None)
+    # fail the ten best report matches, and a few others, with different reasons
+    best = np.argsort(-(features @ report.T).max(1), kind="stable")[:10]
+    qc = [None] * n
+    for i, tile in enumerate(best.tolist() + [3, 77, 500]):
+        qc[tile] = ("pen", "blur", "fold", "background")[i % 4]
+    sel = select_patches(features, coords, report, attribute, PARAMS, 1, "s1", None, qc=qc)
+    failed = sel.filter(pl.col("drop_reason").str.starts_with("qc:"))
+    assert sorted(failed["tile"].to_list()) == sorted(i for i, r in enumerate(qc) if r)
+    assert failed["drop_reason"].to_list() == [f"qc:{qc[t]}" for t in failed["tile"]]
+    assert not failed["kept"].any() and not failed["by_report"].any() and not failed["by_cluster"].any()
+    assert set(best) <= set(full.filter("by_report")["tile"])  # they would have been retrieved
+    others = sel.filter(~pl.col("drop_reason").str.starts_with("qc:").fill_null(False))
+    assert not set(others["tile"]) & set(failed["tile"])
+    assert others["by_report"].sum() == 64 and others["tile"].is_sorted() and sel["tile"].is_unique().all()
+    # the rest is exactly the selection among the passing patches, mapped back to grid rows
+    eligible = np.array([i for i in range(n) if qc[i] is None])
+    sub = select_patches(features[eligible], coords[eligible], report, attribute, PARAMS, 1, "s1", None)
+    assert others["tile"].to_list() == eligible[sub["tile"].to_numpy()].tolist()
+    assert others.drop("tile", "duplicate_of").equals(sub.drop("tile", "duplicate_of"))
+    dup = sub["duplicate_of"].to_list()
+    assert others["duplicate_of"].to_list() == [None if d is None else int(eligible[d]) for d in dup]
+    assert others["cluster"].max() < math.ceil(math.sqrt(len(eligible)))
+    # a patch list with no failure changes nothing
+    assert select_patches(features, coords, report, attribute, PARAMS, 1, "s1", None, qc=[None] * n).equals(full)
+
+
 def test_selection_of_empty_slide_is_empty():
     sel = select_patches(np.zeros((0, 16), np.float32), np.zeros((0, 2), np.int64), np.zeros((0, 16), np.float32),
                          np.zeros((3, 16), np.float32), PARAMS, 1, "empty", None)
@@ -337,7 +370,15 @@ def tiny_clip(tmp_path_factory):
             "force_quick_gelu": True, "input_size": 336}
 
 
-def slide_inputs(tmp_path: Path, clip_cfg: dict, n: int = 300, fingerprint: str | None = None) -> dict:
+def clean_quality(n: int) -> dict[str, np.ndarray]:
+    """Quality measures of n patches that pass every check."""
+    values = {"background_fraction": 0.0, "glass_fraction": 0.1, "pen_fraction": 0.0, "dark_fraction": 0.0,
+              "laplacian_variance": 900.0}
+    return {name: np.full(n, values[name]) for name in MEASURES}
+
+
+def slide_inputs(tmp_path: Path, clip_cfg: dict, n: int = 300, fingerprint: str | None = None,
+                 quality: dict[str, np.ndarray] | None = None, with_quality: bool = True) -> dict:
     """An embeddings store, prompts, thumbnail and tile info for one synthetic slide."""
     dim = 64
     features = blobs(n, 8, dim=dim, seed=9)
@@ -345,7 +386,8 @@ def slide_inputs(tmp_path: Path, clip_cfg: dict, n: int = 300, fingerprint: str 
     grid = pl.DataFrame({"x": (np.arange(n) % side) * 672, "y": (np.arange(n) // side) * 672})
     attrs = {"slide_id": "s1", "model_fingerprint": fingerprint or clip_fingerprint(clip_cfg)[0],
              "patch": {"size": 672, "level": 0, "read_size": 672, "out_size": 336}}
-    write_embeddings(tmp_path / "s1.zarr", features, grid, attrs)
+    write_embeddings(tmp_path / "s1.zarr", features, grid, attrs,
+                     quality=(quality or clean_quality(n)) if with_quality else None)
     texts = [("report", "Invasive ductal carcinoma with a desmoplastic stroma."),
              ("report", "Lymphovascular invasion is present."),
              ("attribute", "An H&E image of breast tissue showing tumour nests."),
@@ -423,6 +465,41 @@ def test_a_select_whose_prompts_are_cached_loads_no_clip_and_selects_the_same_by
 def test_select_refuses_features_of_another_clip_in_one_line(tiny_clip, tmp_path):
     inputs = slide_inputs(tmp_path, tiny_clip, fingerprint="0" * 64)
     with pytest.raises(PathgenError, match="s1.zarr: embedded with a different CLIP") as err:
+        run_select("s1", inputs["embeddings"], inputs["prompts"], inputs["thumbnail"], inputs["info"],
+                   select_params(tiny_clip), tmp_path / "o.parquet", tmp_path / "o.png")
+    assert "\n" not in str(err.value)
+
+
+def test_select_applies_the_stored_quality_measures_and_crosses_failures_out_on_the_overlay(tiny_clip, tmp_path):
+    n = 300
+    quality = clean_quality(n)
+    quality["pen_fraction"][[5, 6]] = 0.2           # > max_pen_fraction 0.05
+    quality["laplacian_variance"][40] = 20.0       # < min_laplacian_variance 150
+    quality["background_fraction"][41] = 0.9       # > max_background_fraction 0.5
+    inputs = slide_inputs(tmp_path, tiny_clip, n=n, quality=quality)
+    params = select_params(tiny_clip)
+    sel = run_select("s1", inputs["embeddings"], inputs["prompts"], inputs["thumbnail"], inputs["info"], params,
+                     tmp_path / "o.parquet", tmp_path / "o.png", cache_dir=tmp_path / "cache")
+    failed = sel.filter(pl.col("drop_reason").str.starts_with("qc:")).sort("tile")
+    assert dict(zip(failed["tile"], failed["drop_reason"])) == {5: "qc:pen", 6: "qc:pen", 40: "qc:blur",
+                                                                 41: "qc:background"}
+    overlay = np.asarray(Image.open(tmp_path / "o.png").convert("RGB"))
+    scale = inputs["info"]["thumbnail_scale"][0]
+    for tile, reason in zip(failed["tile"], failed["drop_reason"]):
+        row = sel.filter(pl.col("tile") == tile).row(0, named=True)
+        x0, y0 = int(row["x"] / scale), int(row["y"] / scale)
+        box = overlay[y0:y0 + 4, x0:x0 + 4].reshape(-1, 3)
+        assert (box == QC_COLOURS[reason.split(":")[1]]).all(axis=1).any(), (tile, reason)
+    # thresholds are params: switched off, the same store fails nothing
+    params["select"] = {**PARAMS, "qc": {**THRESHOLDS, "enabled": False}}
+    sel = run_select("s1", inputs["embeddings"], inputs["prompts"], inputs["thumbnail"], inputs["info"], params,
+                     tmp_path / "o2.parquet", tmp_path / "o2.png", cache_dir=tmp_path / "cache")
+    assert not sel["drop_reason"].fill_null("").str.starts_with("qc:").any()
+
+
+def test_select_without_quality_measures_asks_for_embed_in_one_line(tiny_clip, tmp_path):
+    inputs = slide_inputs(tmp_path, tiny_clip, with_quality=False)
+    with pytest.raises(PathgenError, match="s1.zarr: no patch quality measures .*re-run embed") as err:
         run_select("s1", inputs["embeddings"], inputs["prompts"], inputs["thumbnail"], inputs["info"],
                    select_params(tiny_clip), tmp_path / "o.parquet", tmp_path / "o.png")
     assert "\n" not in str(err.value)

@@ -17,6 +17,10 @@ How a patch reaches the input size is `embed.reader`:
 The forward pass runs at `embed.precision` (autocast on the device); features are L2-normalised in
 float32 and stored as float16 (N × D) with the patch coordinates; the attrs carry the model
 fingerprint, precision and reader so a store can always be traced to what made it.
+
+Each reader also measures the patch's quality on the pixels the model sees (`pathgen.wsi.quality`:
+open glass, marker ink, folds, focus), stored beside the features; select applies the thresholds
+(`select.qc`), so changing them re-runs select only.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from tqdm import tqdm
 from pathgen.errors import ModelError, SlideError
 from pathgen.models.clip import ClipModel, encode_images, load_clip
 from pathgen.store.embeddings import write_embeddings
+from pathgen.wsi.quality import MEASURES, measure
 from pathgen.wsi.slide import Slide
 
 DEFAULT_READERS = 2
@@ -95,9 +100,10 @@ class ModelInput:
 class PatchDataset(Dataset):
     """Grid patches of one slide at the model's input size; read errors come back as data.
 
-    Items are uint8 (H, W, 3) pixels, normalised later on the model's device, or with
-    `normalize=True` the model's float32 (3, H, W) input already (on CPU, where the main process
-    should do nothing but the forward pass).
+    Items are (index, pixels, quality, error): uint8 (H, W, 3) pixels, normalised later on the
+    model's device, or with `normalize=True` the model's float32 (3, H, W) input already (on CPU,
+    where the main process should do nothing but the forward pass); the patch's quality measures
+    (float64, MEASURES order) taken on the uint8 pixels; the error message of a failed read.
     """
 
     def __init__(self, wsi: str | Path, slide_id: str, mpp_override: float | None, grid: pl.DataFrame,
@@ -130,38 +136,42 @@ class PatchDataset(Dataset):
                 return image
         return self.model_input.geometry(slide.read_patch(x, y, level, read_size, out_size))
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]:
         try:
             image = self.read(index)
         except SlideError as exc:
-            return index, None, str(exc)
+            return index, None, None, str(exc)
         pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
         size = self.model_input.size
         if pixels.shape != (size, size, 3):
             raise AssertionError(f"patch {index} of {self.slide_id} came out {pixels.shape}, not {size} x {size} RGB")
+        values = measure(pixels)
+        quality = torch.tensor([values[name] for name in MEASURES], dtype=torch.float64)
         if self.normalize:
-            return index, self.model_input.pixels_to_input(pixels), None
-        return index, torch.from_numpy(pixels.copy()), None
+            return index, self.model_input.pixels_to_input(pixels), quality, None
+        return index, torch.from_numpy(pixels.copy()), quality, None
 
 
 def _collate(items):
-    errors = [err for _, _, err in items if err is not None]
+    errors = [err for *_, err in items if err is not None]
     if errors:
-        return None, None, errors[0]
-    indices = torch.tensor([i for i, _, _ in items])
-    tensors = [t for _, t, _ in items]
+        return None, None, None, errors[0]
+    indices = torch.tensor([i for i, *_ in items])
+    quality = torch.stack([q for _, _, q, _ in items])
+    tensors = [t for _, t, _, _ in items]
     out = None
     if torch.utils.data.get_worker_info() is not None:
         # In a reader process: stack straight into shared memory, as torch's default_collate does, so the
         # batch is not copied again on its way to the main process.
         storage = tensors[0]._typed_storage()._new_shared(len(tensors) * tensors[0].numel(), device="cpu")
         out = tensors[0].new(storage).resize_(len(tensors), *tensors[0].shape)
-    return indices, torch.stack(tensors, out=out), None
+    return indices, torch.stack(tensors, out=out), quality, None
 
 
 def embed_patches(clip: ClipModel, dataset: PatchDataset, batch_size: int, readers: int,
-                  precision: str = "fp32", progress: bool = True) -> np.ndarray:
-    """Features (N × D float32, L2-normalised) of every patch of `dataset`, in grid order.
+                  precision: str = "fp32", progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Features (N × D float32, L2-normalised) and quality measures (N × len(MEASURES) float64) of
+    every patch of `dataset`, in grid order.
 
     `readers` worker processes decode patches ahead of the forward pass (`PREFETCH_BATCHES` batches
     each); batches are pinned and copied with non_blocking on CUDA, and a batch's features are
@@ -170,8 +180,9 @@ def embed_patches(clip: ClipModel, dataset: PatchDataset, batch_size: int, reade
     """
     dim = clip.model.visual.output_dim
     features = np.zeros((len(dataset), dim), np.float32)
+    quality = np.zeros((len(dataset), len(MEASURES)), np.float64)
     if len(dataset) == 0:
-        return features
+        return features, quality
     autocast_dtype = PRECISIONS[precision]
     loader = DataLoader(
         dataset,
@@ -192,9 +203,10 @@ def embed_patches(clip: ClipModel, dataset: PatchDataset, batch_size: int, reade
         bar.update(len(indices))
 
     try:
-        for indices, batch, error in loader:
+        for indices, batch, batch_quality, error in loader:
             if error is not None:
                 raise SlideError(error)
+            quality[indices.numpy()] = batch_quality.numpy()
             if batch.dtype == torch.uint8:
                 batch = dataset.model_input.normalize(batch, clip.device)
             launched = (indices, encode_images(clip, batch, autocast_dtype, to_numpy=False))
@@ -205,7 +217,7 @@ def embed_patches(clip: ClipModel, dataset: PatchDataset, batch_size: int, reade
             collect()
     finally:
         bar.close()
-    return features
+    return features, quality
 
 
 def run_embed(wsi: str | Path, slide_id: str, grid_path: str | Path, clip_cfg: dict[str, Any],
@@ -231,7 +243,7 @@ def run_embed(wsi: str | Path, slide_id: str, grid_path: str | Path, clip_cfg: d
     dataset = PatchDataset(wsi, slide_id, mpp_override, grid, model_input, embed_cfg["reader"],
                            normalize=clip.device.type == "cpu")
     workers = min(readers, max(0, len(dataset) // embed_cfg["batch_size"]))
-    features = embed_patches(clip, dataset, embed_cfg["batch_size"], workers, precision, progress)
+    features, quality = embed_patches(clip, dataset, embed_cfg["batch_size"], workers, precision, progress)
     geometry = grid.select("size", "level", "read_size", "out_size").unique().sort("size").to_dicts()
     write_embeddings(out, features, grid, {
         "slide_id": slide_id,
@@ -246,7 +258,7 @@ def run_embed(wsi: str | Path, slide_id: str, grid_path: str | Path, clip_cfg: d
         "normalized": True,
         "n_patches": int(features.shape[0]),
         "dim": int(features.shape[1]),
-    })
+    }, quality={name: quality[:, i] for i, name in enumerate(MEASURES)})
     return features
 
 

@@ -1,11 +1,15 @@
 """select: representative patches of a slide (PathGen-1.6M section 3.2, steps 1–2).
 
+0. Quality control (ours; the paper stresses clarity, appendix A.1): patches whose
+   quality measures, taken by embed on the pixels the model saw, fail a check of
+   `select.qc` (open glass, marker ink, folds, defocus: `pathgen.wsi.quality`)
+   take no part in what follows; they are rows with `drop_reason` "qc:<reason>".
 1. Prompt retrieval: the top `report_top_k` patches for the report prompts and,
    independently, the top `attribute_top_k` for the attribute prompts. A patch's
    score for a kind is its cosine similarity to the prompts of that kind,
    combined by `combine`: `max` (default: a patch that matches any one finding
    ranks high) or `mean` (favours patches matching many prompts at once).
-2. Diversity: k-means on all patch features with k = ⌈√N⌉, and
+2. Diversity: k-means on all (passing) patch features with k = ⌈√N⌉, and
    `cluster_samples` patches drawn round-robin over the clusters in a seeded
    order, so cluster counts differ by at most one unless a cluster runs out.
    k-means (`kmeans`) is Lloyd's algorithm in float32 after a greedy k-means++
@@ -39,6 +43,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -51,10 +56,11 @@ from pathgen.models.clip import TEXT_CACHE_AGENT, LazyClip, cached_text_features
 from pathgen.models.device import resolve_device
 from pathgen.models.fingerprint import hash_store
 from pathgen.store.cache import ItemCache
-from pathgen.store.embeddings import read_embeddings
+from pathgen.store.embeddings import read_embeddings, read_quality
 from pathgen.store.io import write_parquet, write_png
 from pathgen.store.seeds import derive_seed, rng_for
 from pathgen.store.status import placeholder_picture
+from pathgen.wsi.quality import qc_reasons
 
 SELECTION_SCHEMA = {
     "slide_id": pl.String,
@@ -80,11 +86,13 @@ SELECTION_SCHEMA = {
     "duplicate_of": pl.Int32,  # the tile it was judged a near-duplicate of
     "duplicate_similarity": pl.Float32,
     "drop_probability": pl.Float32,
-    "drop_reason": pl.String,
+    "drop_reason": pl.String,  # "near-duplicate", or "qc:<reason>" for a patch that failed quality control
 }
 
 REASON_COLOURS = {"report": (220, 40, 40), "attribute": (245, 150, 20), "cluster": (40, 110, 235), "multi": (160, 40, 200)}
 DROPPED_COLOUR = (120, 120, 120)
+QC_PREFIX = "qc:"  # drop_reason of a patch that failed quality control, e.g. "qc:pen"
+QC_COLOURS = {"background": (0, 200, 200), "pen": (0, 140, 0), "fold": (0, 0, 0), "blur": (230, 0, 230)}
 KMEANS_CHUNK_BYTES = 32 << 20  # distance block (rows x k float32) per step: bounds k-means memory
 
 log = logging.getLogger(__name__)
@@ -309,14 +317,29 @@ def near_duplicate_filter(features: np.ndarray, priority: np.ndarray, threshold:
 
 def select_patches(features: np.ndarray, coords: np.ndarray, report_text: np.ndarray, attribute_text: np.ndarray,
                    params: dict[str, Any], seed: int, slide_id: str, geometry: dict[str, int] | None,
-                   info: dict[str, Any] | None = None) -> pl.DataFrame:
+                   info: dict[str, Any] | None = None, qc: Sequence[str | None] | None = None) -> pl.DataFrame:
     """Candidates of one slide with reasons, scores, clusters and the filter's verdict.
 
     `params` is params.yaml's `select` section; text features are L2-normalised. `info`, when given,
-    receives the k-means device, iterations and inertia.
+    receives the k-means device, iterations and inertia. `qc`: per patch, the quality check it
+    failed (`pathgen.wsi.quality.qc_reasons`) or None; failing patches take no part in retrieval,
+    clustering or the filter (ranks, k and cluster sizes are over the others) and come back as
+    rows with `kept` false and `drop_reason` "qc:<reason>".
     """
     features = np.ascontiguousarray(features, dtype=np.float32)
     n = len(features)
+    if qc is not None and any(r is not None for r in qc):
+        if len(qc) != n:
+            raise ValueError(f"qc has {len(qc)} entries for {n} patches")
+        eligible = np.array([i for i, r in enumerate(qc) if r is None], np.int64)
+        chosen = select_patches(features[eligible], coords[eligible], report_text, attribute_text, params, seed,
+                                slide_id, geometry, info)
+        chosen = chosen.with_columns(
+            pl.Series("tile", eligible[chosen["tile"].to_numpy()], pl.Int32),
+            pl.Series("duplicate_of", [None if d is None else int(eligible[d]) for d in chosen["duplicate_of"]],
+                      pl.Int32))
+        failed = np.array([i for i, r in enumerate(qc) if r is not None], np.int64)
+        return pl.concat([chosen, qc_rows(slide_id, failed, coords, geometry, [qc[i] for i in failed])]).sort("tile")
     report_scores = combine_scores(features @ report_text.T, params["combine"]) if len(report_text) else None
     attribute_scores = combine_scores(features @ attribute_text.T, params["combine"]) if len(attribute_text) else None
     by_report = top_k(report_scores, params["report_top_k"])
@@ -382,13 +405,34 @@ def select_patches(features: np.ndarray, coords: np.ndarray, report_text: np.nda
     )
 
 
+def qc_rows(slide_id: str, tiles: np.ndarray, coords: np.ndarray, geometry: dict[str, int] | None,
+            reasons: list[str]) -> pl.DataFrame:
+    """Selection rows of the patches that failed quality control: not candidates, not kept, and why."""
+    geometry = geometry or {"size": 0, "level": 0, "read_size": 0, "out_size": 0}
+    m = len(tiles)
+    columns = {name: [None] * m for name in SELECTION_SCHEMA}
+    columns.update({
+        "slide_id": [slide_id] * m, "tile": tiles, "x": coords[tiles, 0] if m else [],
+        "y": coords[tiles, 1] if m else [], **{k: [geometry[k]] * m for k in ("size", "level", "read_size", "out_size")},
+        "by_report": [False] * m, "by_attribute": [False] * m, "by_cluster": [False] * m, "reasons": [""] * m,
+        "kept": [False] * m, "drop_reason": [f"{QC_PREFIX}{r}" for r in reasons],
+    })
+    return pl.DataFrame(columns, schema=SELECTION_SCHEMA)
+
+
 def draw_overlay(thumbnail: Image.Image, scale: tuple[float, float], selection: pl.DataFrame) -> Image.Image:
-    """Thumbnail with candidates outlined by reason (one reason: its colour; several: purple; dropped: grey)."""
+    """Thumbnail with candidates outlined by reason (one reason: its colour; several: purple; dropped: grey)
+    and the patches that failed quality control crossed out in their reason's colour."""
     image = thumbnail.convert("RGB").copy()
     draw = ImageDraw.Draw(image)
     for row in selection.iter_rows(named=True):
         x0, y0 = row["x"] / scale[0], row["y"] / scale[1]
         x1, y1 = (row["x"] + row["size"]) / scale[0], (row["y"] + row["size"]) / scale[1]
+        if (row["drop_reason"] or "").startswith(QC_PREFIX):
+            colour = QC_COLOURS[row["drop_reason"][len(QC_PREFIX):]]
+            draw.line([x0, y0, x1 - 1, y1 - 1], fill=colour, width=2)
+            draw.line([x0, y1 - 1, x1 - 1, y0], fill=colour, width=2)
+            continue
         reasons = row["reasons"].split("+")
         colour = REASON_COLOURS[reasons[0] if len(reasons) == 1 else "multi"]
         if not row["kept"]:
@@ -397,7 +441,8 @@ def draw_overlay(thumbnail: Image.Image, scale: tuple[float, float], selection: 
         else:
             draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=2)
     legend = [("report", REASON_COLOURS["report"]), ("attribute", REASON_COLOURS["attribute"]),
-              ("cluster", REASON_COLOURS["cluster"]), ("several", REASON_COLOURS["multi"]), ("dropped", DROPPED_COLOUR)]
+              ("cluster", REASON_COLOURS["cluster"]), ("several", REASON_COLOURS["multi"]), ("dropped", DROPPED_COLOUR),
+              *((f"qc: {name}", colour) for name, colour in QC_COLOURS.items())]
     for i, (name, colour) in enumerate(legend):
         draw.rectangle([4, 4 + 12 * i, 12, 12 + 12 * i], fill=colour)
         draw.text((16, 2 + 12 * i), name, fill=(0, 0, 0))
@@ -434,6 +479,14 @@ def run_select(slide_id: str, embeddings: str | Path, prompts: str | Path, thumb
     """
     info = {} if info is None else info
     features, coords, attrs = read_embeddings(embeddings)
+    qc = None
+    if params["select"]["qc"]["enabled"] and len(features):
+        measures = read_quality(embeddings)
+        if measures is None:
+            raise PathgenError(f"{embeddings}: no patch quality measures (embedded before quality control); "
+                               "re-run embed")
+        qc = qc_reasons(measures, params["select"]["qc"])
+        info["qc_excluded"] = {r: qc.count(r) for r in sorted({r for r in qc if r is not None})}
     fingerprint, _ = clip_fingerprint(params["clip"], hash_store(cache_dir) if cache_dir is not None else None)
     if attrs.get("model_fingerprint") != fingerprint:
         raise PathgenError(f"{embeddings}: embedded with a different CLIP than params.yaml clip names; re-run embed")
@@ -450,7 +503,7 @@ def run_select(slide_id: str, embeddings: str | Path, prompts: str | Path, thumb
         text_features = np.zeros((0, dim), np.float32)
     report_text, attribute_text = text_features[: len(report)], text_features[len(report):]
     selection = select_patches(features, coords, report_text, attribute_text, params["select"], params["seed"],
-                               slide_id, attrs.get("patch"), info)
+                               slide_id, attrs.get("patch"), info, qc)
     scale = tuple(tile_info["thumbnail_scale"])
     write_png(draw_overlay(Image.open(thumbnail), scale, selection), overlay_out)
     write_parquet(selection, out)

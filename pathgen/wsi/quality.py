@@ -119,14 +119,19 @@ def _as_batch(patches: np.ndarray) -> tuple[np.ndarray, bool]:
 
 
 def pixel_classes(patches: np.ndarray) -> dict[str, np.ndarray]:
-    """Boolean maps (same leading shape as `patches`, without the channel axis): glass, pen, dark."""
+    """Boolean maps (same leading shape as `patches`, without the channel axis): glass, pen, dark.
+
+    All in uint8: PEN_HUE_SLOPE (G - R) >= chroma is tested as G > R and G - R >= ceil(chroma /
+    PEN_HUE_SLOPE), the same integers without a wider type (this runs on every patch a reader reads).
+    """
     a = np.asarray(patches)
-    r, g, b = (a[..., c].astype(np.int16) for c in range(3))
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
     mx = np.maximum(np.maximum(r, g), b)
     mn = np.minimum(np.minimum(r, g), b)
-    chroma = mx - mn
+    chroma = mx - mn  # uint8: mx >= mn
     glass = (mn >= GLASS_MIN_VALUE) & (chroma <= GLASS_MAX_CHROMA)
-    coloured_pen = (chroma >= PEN_MIN_CHROMA) & (PEN_HUE_SLOPE * (g - r) >= chroma)
+    need = chroma // PEN_HUE_SLOPE + (chroma % PEN_HUE_SLOPE != 0)  # ceil(chroma / PEN_HUE_SLOPE), uint8
+    coloured_pen = (chroma >= PEN_MIN_CHROMA) & (g > r) & (g - r >= need)
     black = (mx <= BLACK_MAX_VALUE) & (chroma <= BLACK_MAX_CHROMA)
     dark = (mx <= DARK_MAX_VALUE) & (chroma > BLACK_MAX_CHROMA) & ~coloured_pen
     return {"glass": glass, "pen": coloured_pen | black, "dark": dark}
