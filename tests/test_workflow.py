@@ -99,6 +99,32 @@ def test_demo_builds_through_patches_to_the_dataset(built_demo):
     assert json.loads(first["json"])["description"] == row["description"]
 
 
+def test_demo_quality_control_leaves_out_the_planted_ink_and_blur(built_demo):
+    """The demo slides carry marker strokes (lung: green; colon: blue) and an out-of-focus block (colon):
+    select leaves those patches out, names the reason, and crosses them out on the overlay."""
+    from pathgen.steps.select import QC_COLOURS
+
+    found = {}
+    for slide in ("demo-lung-01", "demo-colon-01", "demo-breast-01"):
+        sel = pl.read_parquet(built_demo / "data" / "selection" / f"{slide}.parquet")
+        qc = sel.filter(pl.col("drop_reason").str.starts_with("qc:"))
+        found[slide] = dict(qc.group_by("drop_reason").len().iter_rows())
+        assert not qc["kept"].any() and not (qc["by_report"] | qc["by_attribute"] | qc["by_cluster"]).any()
+        with tarfile.open(built_demo / "data" / "patches" / f"{slide}.tar") as tar:
+            names = set(tar.getnames())
+        assert not any(f"x{x:07d}_y{y:07d}.jpg" in names for x, y in qc.select("x", "y").iter_rows())
+        info = json.loads((built_demo / "data" / "tiles" / f"{slide}.json").read_text())
+        overlay = np.asarray(Image.open(built_demo / "data" / "selection" / f"{slide}.png").convert("RGB"))
+        sx, sy = info["thumbnail_scale"]
+        for x, y, size, reason in qc.select("x", "y", "size", "drop_reason").iter_rows():
+            x0, y0, x1 = int(x / sx), int(y / sy), int((x + size) / sx)
+            diagonal = np.array([overlay[y0 + d, x0 + d] for d in range(max(1, x1 - x0 - 1))])
+            assert (diagonal == QC_COLOURS[reason[3:]]).all(axis=1).mean() > 0.5, (slide, x, y, reason)
+    assert found["demo-lung-01"].get("qc:pen", 0) >= 5, found
+    assert found["demo-colon-01"].get("qc:pen", 0) >= 5 and found["demo-colon-01"].get("qc:blur", 0) >= 3, found
+    assert found["demo-breast-01"] == {}, found
+
+
 def test_second_run_plans_nothing(built_demo):
     assert planned_jobs(built_demo) == {}
 
