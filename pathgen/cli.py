@@ -199,9 +199,18 @@ def cmd_assemble_shard(args: argparse.Namespace) -> None:
     from pathgen.steps.assemble import assemble_shard
     from pathgen.store.manifest import SlideEntry
 
+    params = _params(args, "assemble")
     slides = [SlideEntry(**entry) for entry in json.loads(args.slides_json)]
-    part = assemble_shard(args.shard, slides, args.data_dir, args.out_dir)
-    log.info("assemble %s: %d pairs", args.shard, part.height)
+    counters: dict[str, Any] = {}
+    part = assemble_shard(args.shard, slides, args.data_dir, args.out_dir, params, cache_dir=args.cache_dir,
+                          flush_every=args.flush_every, info=counters)
+    log.info("assemble %s: %d pairs, %d below assemble.min_clip_score; text cache %s, model loaded: %s",
+             args.shard, part.height, counters.get("pairs_below_min_clip_score", 0), counters.get("cache"),
+             counters.get("clip_loaded"))
+    if args.stats:
+        from pathgen.store.io import write_json
+
+        write_json({"step": "assemble", "shard": args.shard, **counters}, args.stats)
 
 
 def cmd_assemble(args: argparse.Namespace) -> None:
@@ -444,6 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slides-json", required=True, help="the shard's manifest rows as JSON")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--out-dir", default="data/dataset")
+    p.add_argument("--cache-dir", default=None,
+                   help="item-level cache root: summary text features and the checkpoint hash store (default: none)")
+    p.add_argument("--flush-every", type=int, default=32)
+    p.add_argument("--stats", help="write the job's counters (pairs, pairs below min_clip_score, text cache, "
+                                   "model loaded) here (JSON)")
     p.set_defaults(func=cmd_assemble_shard)
 
     p = sub.add_parser("assemble", help="manifest, sizes.json, metrics, plots and export of the whole dataset")

@@ -29,7 +29,7 @@ STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "caption": ("describe",),
     "revise": ("revise",),
     "summarize": ("summarize",),
-    "assemble": (),
+    "assemble": ("clip", "assemble"),
     "report_pages": ("seed",),
 }
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -23,12 +24,16 @@ from conftest import train_open_clip
 from PIL import Image
 
 from pathgen.demo.slides import rectangle_label_map, write_synthetic_slide
+from pathgen.demo.tiny_models import TINY_CLIP_CONFIG, TINY_CLIP_NAME
 from pathgen.errors import PathgenError
 from pathgen.interop.importer import import_pathgen_json
 from pathgen.interop.pathgen_json import read_pathgen_json, write_pathgen_json
+from pathgen.models import fingerprint as fingerprint_module
+from pathgen.models.clip import TEXT_CACHE_AGENT, clip_fingerprint
 from pathgen.steps.assemble import PART_SCHEMA, assemble_dataset, assemble_shard, percentile_of_counts, word_count
 from pathgen.steps.select import SELECTION_SCHEMA
 from pathgen.store.dataset import EXPORT_NAME
+from pathgen.store.embeddings import read_embeddings, write_embeddings
 from pathgen.store.io import encode_jpeg, read_tar, write_json, write_parquet, write_tar
 from pathgen.store.manifest import SlideEntry
 from pathgen.store.patch_tars import member_name
@@ -36,6 +41,50 @@ from pathgen.store.shards import pair_key
 from pathgen.wsi.slide import Slide
 
 PATCH = 672
+EXTRA_TILE = (98 * PATCH, 98 * PATCH)  # a grid row of every fixture store that no pair uses
+
+
+@pytest.fixture(scope="session")
+def assemble_clip(tmp_path_factory) -> dict:
+    """params.yaml's `clip` section for the tiny CLIP's architecture with plain random weights (its image
+    calibration only shapes image features; assemble encodes texts)."""
+    import open_clip
+    import torch
+
+    out = tmp_path_factory.mktemp("assemble-clip")
+    config = out / f"{TINY_CLIP_NAME}.json"
+    config.write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    checkpoint = out / "open_clip_model.pt"
+    torch.save(open_clip.create_model(TINY_CLIP_NAME, pretrained=None, force_quick_gelu=True).state_dict(), checkpoint)
+    return {"model": TINY_CLIP_NAME, "checkpoint": str(checkpoint), "config": str(config),
+            "force_quick_gelu": True, "input_size": 336}
+
+
+def assemble_params(clip: dict, min_clip_score: float | None = None) -> dict:
+    """The `clip` and `assemble` sections assemble_shard takes."""
+    return {"clip": clip, "assemble": {"min_clip_score": min_clip_score}}
+
+
+def feature(key: str, dim: int) -> np.ndarray:
+    """A fixture patch's image feature: random per key, L2-normalised (as embed stores them, before float16)."""
+    rng = np.random.default_rng(int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))
+    v = rng.standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def write_store(data_dir: Path, slide_id: str, coords: list[tuple[int, int]], clip: dict,
+                fingerprint: str | None = None) -> None:
+    """data/embeddings/{slide}.zarr with a feature for each of `coords` and EXTRA_TILE, in reversed order (a
+    grid's order is not key order), attrs naming the CLIP (or `fingerprint`)."""
+    coords = list(reversed([*coords, EXTRA_TILE]))
+    dim = TINY_CLIP_CONFIG["embed_dim"]
+    features = np.stack([feature(pair_key(slide_id, x, y), dim) for x, y in coords]) if coords else np.zeros((0, dim))
+    grid = pl.DataFrame({"x": [x for x, _ in coords], "y": [y for _, y in coords]}, schema={"x": pl.Int64, "y": pl.Int64})
+    write_embeddings(data_dir / "embeddings" / f"{slide_id}.zarr", features, grid,
+                     {"slide_id": slide_id, "model_fingerprint": fingerprint or clip_fingerprint(clip)[0],
+                      "n_patches": len(coords), "dim": dim})
 
 
 @dataclass(frozen=True)
@@ -64,14 +113,16 @@ def pair(slide_id: str, x: int, y: int, *, tokens: int, description: str, status
     }
 
 
-def write_inputs(data_dir: Path, shard: str, pairs: list[dict], mpp: float | None = 0.25) -> None:
-    """Write every input file of `assemble_shard` for `pairs` (plus one dropped candidate per slide)."""
+def write_inputs(data_dir: Path, shard: str, pairs: list[dict], clip: dict, mpp: float | None = 0.25) -> None:
+    """Write every input file of `assemble_shard` for `pairs` (plus one dropped candidate per slide), with
+    embeddings stores of `clip` (a `clip` section)."""
     slides: dict[str, list[dict]] = {}
     for p in pairs:
         slides.setdefault(p["slide_id"], []).append(p)
     for slide_id, rows in slides.items():
         write_tar({member_name(p["x"], p["y"]): p["image"] for p in rows}, data_dir / "patches" / f"{slide_id}.tar")
         dropped = {"x": 99 * PATCH, "y": 99 * PATCH, "kept": False}
+        write_store(data_dir, slide_id, [(p["x"], p["y"]) for p in rows] + [(dropped["x"], dropped["y"])], clip)
         sel = [{"x": p["x"], "y": p["y"], "kept": True} for p in rows] + [dropped]
         write_parquet(pl.DataFrame(
             [{
@@ -132,12 +183,12 @@ PAIRS = {
 
 
 @pytest.fixture
-def built(tmp_path) -> tuple[Path, Path]:
+def built(tmp_path, assemble_clip) -> tuple[Path, Path]:
     """(data dir, out dir) with both fixture shards assembled."""
     data, out = tmp_path / "data", tmp_path / "out"
     for shard, pairs in PAIRS.items():
-        write_inputs(data, shard, pairs)
-        assemble_shard(shard, SLIDES[shard], data, out)
+        write_inputs(data, shard, pairs, assemble_clip)
+        assemble_shard(shard, SLIDES[shard], data, out, assemble_params(assemble_clip))
     return data, out
 
 
@@ -198,10 +249,10 @@ def test_part_rows_match_the_shard(built):
             assert row[field] == meta[field], field
 
 
-def test_assemble_shard_is_byte_identical_on_rerun(built, tmp_path):
+def test_assemble_shard_is_byte_identical_on_rerun(built, tmp_path, assemble_clip):
     data, out = built
     again = tmp_path / "again"
-    returned = assemble_shard("00000", SLIDES["00000"], data, again)
+    returned = assemble_shard("00000", SLIDES["00000"], data, again, assemble_params(assemble_clip))
     assert (again / "00000.tar").read_bytes() == (out / "00000.tar").read_bytes()
     assert (again / "parts" / "00000.parquet").read_bytes() == (out / "parts" / "00000.parquet").read_bytes()
     assert returned.equals(pl.read_parquet(out / "parts" / "00000.parquet"))
@@ -225,24 +276,190 @@ def _drop_row(table: str):
     return drop
 
 
+def _drop_embedding_row(data: Path) -> str:
+    """A.zarr without the row of A/x0000672_y0000000 (same CLIP, one row short)."""
+    path = data / "embeddings" / "A.zarr"
+    _, coords, attrs = read_embeddings(path)
+    keep = [(int(x), int(y)) for x, y in coords.tolist() if (x, y) not in ((672, 0), EXTRA_TILE)]
+    write_store(data, "A", keep, {}, fingerprint=attrs["model_fingerprint"])
+    return "A/x0000672_y0000000"
+
+
 @pytest.mark.parametrize("break_input", [_drop_member, _drop_row("revised"), _drop_row("summaries"),
-                                         _drop_row("captions")], ids=["tar", "revised", "summaries", "captions"])
-def test_missing_input_names_shard_slide_and_key(tmp_path, break_input):
+                                         _drop_row("captions"), _drop_embedding_row],
+                         ids=["tar", "revised", "summaries", "captions", "embeddings"])
+def test_missing_input_names_shard_slide_and_key(tmp_path, break_input, assemble_clip):
     data = tmp_path / "data"
-    write_inputs(data, "00000", PAIRS["00000"])
+    write_inputs(data, "00000", PAIRS["00000"], assemble_clip)
     key = break_input(data)
     with pytest.raises(PathgenError, match=re.escape(key)) as err:
-        assemble_shard("00000", SLIDES["00000"], data, tmp_path / "out")
-    assert "shard 00000" in str(err.value) and "slide 'A'" in str(err.value)
-    assert not (tmp_path / "out" / "00000.tar").exists()
+        assemble_shard("00000", SLIDES["00000"], data, tmp_path / "out", assemble_params(assemble_clip))
+    assert "shard 00000" in str(err.value) and "slide 'A'" in str(err.value) and "\n" not in str(err.value)
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # nothing written, no temporaries
 
 
-def test_missing_selection_file_is_named(tmp_path):
+@pytest.mark.parametrize("name", ["selection/A.parquet", "embeddings/A.zarr"])
+def test_missing_selection_or_embeddings_file_is_named(tmp_path, assemble_clip, name):
     data = tmp_path / "data"
-    write_inputs(data, "00000", PAIRS["00000"])
-    (data / "selection" / "A.parquet").unlink()
-    with pytest.raises(PathgenError, match=r"shard 00000, slide 'A'.*selection/A\.parquet"):
-        assemble_shard("00000", SLIDES["00000"], data, tmp_path / "out")
+    write_inputs(data, "00000", PAIRS["00000"], assemble_clip)
+    path = data / name
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    with pytest.raises(PathgenError, match=rf"shard 00000, slide 'A'.*{re.escape(name)} not found"):
+        assemble_shard("00000", SLIDES["00000"], data, tmp_path / "out", assemble_params(assemble_clip))
+
+
+# --- clip_score: the retrieval CLIP's cosine of patch and caption ----------------------------------------------------
+
+def independent_scores(data: Path, clip: dict, pairs: list[dict]) -> dict[str, float]:
+    """key -> cosine of the stored feature (read from the zarr arrays directly) and the summary encoded by
+    open_clip directly, in float64."""
+    import open_clip
+    import torch
+    import zarr
+
+    model = open_clip.create_model(clip["model"], pretrained=clip["checkpoint"], force_quick_gelu=True).eval()
+    tokenizer = open_clip.get_tokenizer(clip["model"])
+    out = {}
+    for p in pairs:
+        root = zarr.open_group(str(data / "embeddings" / f"{p['slide_id']}.zarr"), mode="r")
+        row = [tuple(c) for c in root["coords"][:].tolist()].index((p["x"], p["y"]))
+        image = np.asarray(root["features"][row], np.float64)
+        with torch.no_grad():
+            text = model.encode_text(tokenizer([p["summary"]])).double().numpy()[0]
+        out[p["key"]] = float(image @ text / (np.linalg.norm(image) * np.linalg.norm(text)))
+    return out
+
+
+def test_clip_score_is_the_cosine_of_stored_feature_and_caption_in_json_part_and_manifest(built, assemble_clip):
+    data, out = built
+    pairs = [p for shard in PAIRS.values() for p in shard]
+    expected = independent_scores(data, assemble_clip, pairs)
+    assert len(set(expected.values())) == len(pairs) and max(abs(v) for v in expected.values()) > 0.05
+    assemble_dataset(out, list(PAIRS))
+    manifest = {r["key"]: r["clip_score"] for r in pl.read_parquet(out / "manifest.parquet").iter_rows(named=True)}
+    for shard in PAIRS:
+        part = {r["key"]: r["clip_score"] for r in pl.read_parquet(out / "parts" / f"{shard}.parquet").iter_rows(named=True)}
+        for sample in wds.WebDataset(str(out / f"{shard}.tar"), shardshuffle=False):
+            key, score = sample["__key__"], json.loads(sample["json"])["clip_score"]
+            assert score == pytest.approx(expected[key], abs=1e-6)
+            assert score == round(score, 6)  # rounded to 6 decimals in the json ...
+            assert np.float32(part[key]) == np.float32(score) == np.float32(manifest[key])  # ... Float32 in the tables
+    assert pl.read_parquet(out / "manifest.parquet").schema["clip_score"] == pl.Float32
+
+
+def test_metrics_and_plot_of_the_clip_scores(built):
+    data, out = built
+    metrics = assemble_dataset(out, list(PAIRS))
+    scores = np.array(pl.read_parquet(out / "manifest.parquet")["clip_score"].to_list(), np.float64).round(6)
+    assert metrics["clip_score_mean"] == pytest.approx(scores.mean(), abs=1e-6)
+    for q in (5, 50, 95):
+        assert metrics[f"clip_score_p{q:02d}"] == pytest.approx(np.percentile(scores, q), abs=1e-6), q
+    assert (metrics["min_clip_score"], metrics["pairs_below_min_clip_score"]) == (None, 0)
+    with open(out / "plots" / "clip_scores.csv", newline="") as fh:
+        hist = list(csv.DictReader(fh))
+    assert [r["clip_score"] for r in hist] == [f"{-1 + 0.02 * i:.2f}" for i in range(100)]
+    assert {r["clip_score"]: int(r["pairs"]) for r in hist if int(r["pairs"])} == {
+        f"{np.floor(s / 0.02) * 0.02:.2f}": int(sum(np.floor(t / 0.02) == np.floor(s / 0.02) for t in scores))
+        for s in scores}
+
+
+def test_min_clip_score_leaves_out_exactly_the_pairs_below_it(built, tmp_path, assemble_clip):
+    data, out = built
+    scores = {r["key"]: r["clip_score"] for s in PAIRS for r in
+              pl.read_parquet(out / "parts" / f"{s}.parquet").iter_rows(named=True)}
+    rounded = {k: round(v, 6) for k, v in scores.items()}
+    threshold = sorted(rounded.values())[1]  # one pair below, one exactly at it (kept)
+    below = {k for k, v in rounded.items() if v < threshold}
+    assert len(below) == 1
+    filtered = tmp_path / "filtered"
+    for shard in PAIRS:
+        info = {}
+        part = assemble_shard(shard, SLIDES[shard], data, filtered, assemble_params(assemble_clip, threshold), info=info)
+        kept = sorted(p["key"] for p in PAIRS[shard] if p["key"] not in below)
+        assert part["key"].to_list() == kept
+        assert sorted({m.rsplit(".", 1)[0] for m in members(filtered / f"{shard}.tar")}) == kept
+        records = json.loads((filtered / "parts" / f"{shard}.slides.json").read_text())
+        for rec in records:
+            left_out = sum(1 for k in below if k.split("/")[0] == rec["slide_id"])
+            assert (rec["pairs_below_min_clip_score"], rec["min_clip_score"]) == (left_out, threshold)
+            assert rec["pairs"] == sum(1 for k in kept if k.split("/")[0] == rec["slide_id"])
+        assert info["pairs_below_min_clip_score"] == sum(1 for k in below if k in {p["key"] for p in PAIRS[shard]})
+    metrics = assemble_dataset(filtered, list(PAIRS))
+    assert (metrics["pairs"], metrics["min_clip_score"], metrics["pairs_below_min_clip_score"]) == (3, threshold, 1)
+    assert metrics["clip_score_mean"] == pytest.approx(np.mean([v for k, v in rounded.items() if k not in below]),
+                                                       abs=1e-6)
+    # kept pairs are byte for byte the unfiltered shard's
+    unfiltered = {s["__key__"]: s for shard in PAIRS for s in wds.WebDataset(str(out / f"{shard}.tar"), shardshuffle=False)}
+    for shard in PAIRS:
+        for s in wds.WebDataset(str(filtered / f"{shard}.tar"), shardshuffle=False):
+            assert all(s[ext] == unfiltered[s["__key__"]][ext] for ext in ("jpg", "json", "txt"))
+
+
+def test_a_store_embedded_by_another_clip_is_an_error_naming_it(tmp_path, assemble_clip):
+    data = tmp_path / "data"
+    write_inputs(data, "00000", PAIRS["00000"], assemble_clip)
+    write_store(data, DOTTED, [(0, 672)], assemble_clip, fingerprint="0" * 64)
+    with pytest.raises(PathgenError, match=rf"shard 00000, slide '{re.escape(DOTTED)}': .*{re.escape(DOTTED)}\.zarr "
+                                           r"was embedded with a different CLIP \(fingerprint 000000000000\)") as err:
+        assemble_shard("00000", SLIDES["00000"], data, tmp_path / "out", assemble_params(assemble_clip))
+    assert "\n" not in str(err.value) and assemble_clip["checkpoint"] in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_assemble_of_the_shard_is_served_from_the_text_cache(built, tmp_path, assemble_clip, monkeypatch):
+    data, out = built
+    cache = tmp_path / "cache"
+    texts = len({p["summary"] for p in PAIRS["00000"]})
+
+    def run(name):
+        info = {}
+        assemble_shard("00000", SLIDES["00000"], data, tmp_path / name, assemble_params(assemble_clip),
+                       cache_dir=cache, info=info)
+        return info, {f: (tmp_path / name / f).read_bytes() for f in ("00000.tar", "parts/00000.parquet")}
+
+    monkeypatch.setattr(fingerprint_module, "_known", {})  # a fresh job: this process hashed the checkpoint already
+    first_info, first = run("first")
+    assert first_info["clip_loaded"] is True and (first_info["cache"]["misses"], first_info["texts"]) == (texts, texts)
+    assert (cache / TEXT_CACHE_AGENT).is_dir() and (cache / ".checkpoint-hashes").is_dir()
+
+    def no_clip(*args, **kwargs):
+        raise AssertionError("the CLIP was loaded")
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("the checkpoint was hashed again")
+
+    monkeypatch.setattr("pathgen.models.clip.load_clip", no_clip)
+    monkeypatch.setattr(fingerprint_module, "_known", {})
+    monkeypatch.setattr(fingerprint_module, "sha256_file", no_hashing)
+    second_info, second = run("second")
+    assert second_info["clip_loaded"] is False
+    assert (second_info["cache"]["hits"], second_info["cache"]["misses"], second_info["cache"]["puts"]) == (texts, 0, 0)
+    uncached = {f: (out / f).read_bytes() for f in ("00000.tar", "parts/00000.parquet")}
+    assert second == first == uncached  # cached text features are the computed ones, byte for byte
+
+
+def test_the_assemble_shard_command_takes_the_rule_arguments_and_writes_stats(built, tmp_path, assemble_clip,
+                                                                            capsys):
+    from pathgen.cli import main
+
+    data, out = built
+    cache = tmp_path / "cache"
+    stats = tmp_path / "stats.json"
+    slides = json.dumps([vars(e) for e in SLIDES["00000"]])
+    argv = ["assemble-shard", "--shard", "00000", "--slides-json", slides, "--data-dir", str(data),
+            "--out-dir", str(tmp_path / "cli"), "--params-json", json.dumps(assemble_params(assemble_clip, 2 / 3 - 1)),
+            "--cache-dir", str(cache), "--flush-every", "2", "--stats", str(stats)]
+    assert main(argv) == 0
+    first = json.loads(stats.read_text())
+    assert (first["step"], first["shard"], first["clip_loaded"], first["cache"]["misses"]) == ("assemble", "00000", True, 3)
+    assert first["pairs"] + first["pairs_below_min_clip_score"] == 3
+    assert main(argv) == 0
+    again = json.loads(stats.read_text())
+    assert (again["clip_loaded"], again["cache"]["hits"], again["pairs"]) == (False, 3, first["pairs"])
+    capsys.readouterr()
+    assert main([*argv, "--params-json", json.dumps(assemble_params(assemble_clip, 1.5))]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "pathgen assemble-shard: error: --params-json: key 'assemble.min_clip_score': 1.5 is greater than the maximum of 1"]
 
 
 def test_dataset_files(built):
@@ -307,7 +524,7 @@ def real_slide(tmp_path_factory) -> Path:
     return path
 
 
-def test_export_import_round_trip(tmp_path, real_slide):
+def test_export_import_round_trip(tmp_path, real_slide, assemble_clip):
     positions = {"S1": [(672, 672), (2016, 1344), (1344, 672)], "S2": [(0, 0), (3360, 2016)], "GONE": [(672, 0)]}
     pairs = []
     with Slide(real_slide, "slide") as slide:
@@ -317,9 +534,9 @@ def test_export_import_round_trip(tmp_path, real_slide):
                 pairs.append(pair(slide_id, x, y, tokens=5 + i, description="d", status="applied", cut=False,
                                   summary=f"{slide_id} caption {i}: glands, ±atypia.", image=image))
     data, out = tmp_path / "data", tmp_path / "out"
-    write_inputs(data, "00000", pairs)
+    write_inputs(data, "00000", pairs, assemble_clip)
     slides = [TcgaEntry(s, "x.svs", "colon", file_id=f"file-{s}") for s in positions]
-    assemble_shard("00000", slides, data, out)
+    assemble_shard("00000", slides, data, out, assemble_params(assemble_clip))
     assemble_dataset(out, ["00000"])
     export = out / EXPORT_NAME
 
@@ -406,7 +623,7 @@ def test_read_pathgen_json_rejects_a_file_not_in_the_format(tmp_path, text, mess
 
 # --- open_clip's trainer on an assembled shard --------------------------------------------------------------------
 
-def test_open_clip_trains_on_an_assembled_shard(tmp_path):
+def test_open_clip_trains_on_an_assembled_shard(tmp_path, assemble_clip):
     """`python -m open_clip_train.main`, unchanged, trains the tiny CLIP one epoch on assemble's output (CPU, offline)."""
     from pathgen.demo.tiny_models import build_tiny_clip
 
@@ -421,8 +638,9 @@ def test_open_clip_trains_on_an_assembled_shard(tmp_path):
         pairs.append(pair(slide_id, x, y, tokens=12, description=text, status="unchanged", cut=False,
                           summary=text, image=image))
     data, shards = tmp_path / "data", tmp_path / "shards"
-    write_inputs(data, "00000", pairs)
-    assemble_shard("00000", [SlideEntry("S0", "a.svs", "colon"), SlideEntry("S1", "b.svs", "colon")], data, shards)
+    write_inputs(data, "00000", pairs, assemble_clip)
+    assemble_shard("00000", [SlideEntry("S0", "a.svs", "colon"), SlideEntry("S1", "b.svs", "colon")], data, shards,
+                   assemble_params(assemble_clip))
     assemble_dataset(shards, ["00000"])
 
     log = train_open_clip(tmp_path, str(shards / "00000.tar"), 64, build_tiny_clip(tmp_path / "models"))
@@ -448,13 +666,19 @@ def _part_frame(shard: str, rows: list[dict]) -> pl.DataFrame:
                         schema=PART_SCHEMA, orient="row")
 
 
-def write_part(out: Path, shard: str, part: pl.DataFrame) -> None:
-    """A shard as assemble_dataset reads it: its part, its slides record and (empty) tar."""
+def write_part(out: Path, shard: str, part: pl.DataFrame, below: dict[str, int] | None = None,
+               min_clip_score: float | None = None) -> None:
+    """A shard as assemble_dataset reads it: its part, its slides record (with `below`: slide -> pairs left
+    out under `min_clip_score`) and (empty) tar."""
     write_parquet(part, out / "parts" / f"{shard}.parquet")
-    slides = sorted(set(part["slide_id"]))
+    slides = sorted(set(part["slide_id"]) | set(below or {}))
     write_json([{"slide_id": s, "shard": shard, "status": "ok", "step": None, "reason": None,
-                 "pairs": int((part["slide_id"] == s).sum())} for s in slides], out / "parts" / f"{shard}.slides.json")
+                 "pairs": int((part["slide_id"] == s).sum()), "pairs_below_min_clip_score": (below or {}).get(s, 0),
+                 "min_clip_score": min_clip_score} for s in slides], out / "parts" / f"{shard}.slides.json")
     (out / f"{shard}.tar").write_bytes(b"")
+
+
+IRREGULAR_MIN_CLIP_SCORE = 0.01
 
 
 def irregular_parts(out: Path, seed: int = 3) -> list[str]:
@@ -478,10 +702,14 @@ def irregular_parts(out: Path, seed: int = 3) -> list[str]:
                 "revise_status": rng.choice(["applied", "unchanged", "invalid", None]),
                 "revise_constrained": rng.choice([True, False, None]),
                 "summarize_finish": rng.choice(["stop", "length"]), "summary_cut": rng.choice([True, False, None]),
+                # 6 decimals as assemble_shard rounds them; ties and both ends of the range
+                "clip_score": [-1.0, 1.0, 0.123457][i] if s == 3 and i < 3 else
+                round(float(rng.choice([0.25, rng.uniform(-0.5, 0.9)])), 6),
             })
         rows = [{**r, "tissue": None if r["tissue"] == "None" else r["tissue"]} for r in rows]
         part = _part_frame(shard, rows)
-        write_part(out, shard, part if shard == "00003" else part.sort("key"))  # 00003: reversed-ish order
+        below = {f"TCGA-{s}0.DX1": s, "TCGA-9.DX1": 1} if s else None  # counts of pairs left out (and a slide without pairs)
+        write_part(out, shard, part if shard == "00003" else part.sort("key"), below, IRREGULAR_MIN_CLIP_SCORE)  # 00003: reversed-ish order
     return list(sizes)
 
 
@@ -498,6 +726,8 @@ def expected_dataset_files(out: Path, shards: list[str]) -> dict[str, bytes]:
         return round(100.0 * sum(1 for r in rows if test(r)) / n, 6)
 
     tokens = [r["summary_tokens"] for r in rows]
+    micro = np.array([round(r["clip_score"] * 1e6) for r in rows], np.int64)  # the Float32 scores, in millionths
+    assert np.allclose(micro / 1e6, [r["clip_score"] for r in rows], rtol=0, atol=1e-7)
     slides = [rec for s in shards for rec in json.loads((out / "parts" / f"{s}.slides.json").read_text())]
     metrics = {
         "pairs": n, "slides": len({r["slide_id"] for r in rows}), "shards": len(shards),
@@ -513,9 +743,15 @@ def expected_dataset_files(out: Path, shards: list[str]) -> dict[str, bytes]:
         "pct_revise_unconstrained": pct(lambda r: not r["revise_constrained"]),
         "pct_summary_truncated": pct(lambda r: r["summarize_finish"] == "length"),
         "pct_cut": pct(lambda r: bool(r["summary_cut"])),
+        "clip_score_mean": round(int(micro.sum()) / n / 1e6, 6),
+        **{f"clip_score_p{q:02d}": round(float(np.percentile(micro, q)) / 1e6, 6) for q in (5, 50, 95)},
+        "min_clip_score": IRREGULAR_MIN_CLIP_SCORE,
+        "pairs_below_min_clip_score": sum(r["pairs_below_min_clip_score"] for r in slides),
         "complete": True, "incomplete_shards": [], "slides_in_shards": len(slides), "slides_quarantined": 0,
-        "slides_without_pairs": 0,
+        "slides_without_pairs": sum(1 for r in slides if r["pairs"] == 0),
     }
+    bins = np.clip((micro + 1_000_000) // 20_000, 0, 99)
+    clip_hist = "".join(f"{(i * 20_000 - 1_000_000) / 1e6:.2f},{int((bins == i).sum())}\n" for i in range(100))
     counts = {t: tokens.count(t) for t in set(tokens)}
     hist = "".join(f"{t},{counts.get(t, 0)}\n" for t in range(max(77, *tokens) + 1))
     tissues = {t: sum(1 for r in rows if r["tissue"] == t) for t in {r["tissue"] for r in rows}}
@@ -532,6 +768,7 @@ def expected_dataset_files(out: Path, shards: list[str]) -> dict[str, bytes]:
         EXPORT_NAME: ("[\n" + ",\n".join(records) + ("\n" if records else "") + "]\n").encode(),
         "plots/caption_tokens.csv": ("tokens,count\n" + hist).encode(),
         "plots/pairs_per_tissue.csv": ("tissue,pairs\n" + "".join(f"{t or ''},{c}\n" for t, c in by_pairs)).encode(),
+        "plots/clip_scores.csv": ("clip_score,pairs\n" + clip_hist).encode(),
         "failures.tsv": b"shard\tslide_id\tstep\treason\n",
     }
 
@@ -545,6 +782,10 @@ def test_dataset_files_are_the_straightforward_computation_byte_for_byte(tmp_pat
     expected = expected_dataset_files(out, shards)
     assert {name: (out / name).read_bytes() for name in expected} == expected
     assert metrics["summary_tokens_p95"] > 77 and metrics["pairs"] == 126
+    # shards 00001..00004 leave out 1..4 pairs of their first slide and 1 of a slide without pairs
+    assert metrics["pairs_below_min_clip_score"] == (1 + 2 + 3 + 4) + 4 and metrics["slides_without_pairs"] == 5
+    hist = (out / "plots" / "clip_scores.csv").read_text().splitlines()
+    assert (hist[1], hist[-1]) == ("-1.00,1", "0.98,1")  # -1 and 1 in the edge bins
 
 
 SPACES = [chr(c) for c in range(0x3001) if chr(c).isspace()]  # every character str.split() splits on
@@ -571,6 +812,9 @@ def test_empty_dataset(tmp_path):
     write_part(out, "00000", pl.DataFrame(schema=PART_SCHEMA))
     metrics = assemble_dataset(out, ["00000"])
     assert (metrics["pairs"], metrics["summary_tokens_mean"], metrics["summary_tokens_p95"]) == (0, None, None)
+    assert [metrics[f"clip_score_{m}"] for m in ("mean", "p05", "p50", "p95")] == [None] * 4
+    assert (metrics["min_clip_score"], metrics["pairs_below_min_clip_score"]) == (None, 0)
+    assert (out / "plots" / "clip_scores.csv").read_text().count(",0\n") == 100
     assert (out / EXPORT_NAME).read_text() == "[\n]\n"
     assert pl.read_parquet(out / "manifest.parquet").equals(pl.DataFrame(schema=PART_SCHEMA))
 
@@ -665,11 +909,19 @@ def test_dataset_errors_name_the_culprit_and_write_nothing(tmp_path):
     part = pl.read_parquet(out / "parts" / "00002.parquet")
     other = pl.read_parquet(out / "parts" / "00004.parquet")
 
-    write_part(out, "00004", pl.concat([other, part.head(2).with_columns(shard=pl.lit("00004"))]))
+    write_part(out, "00004", pl.concat([other, part.head(2).with_columns(shard=pl.lit("00004"))]),
+               min_clip_score=IRREGULAR_MIN_CLIP_SCORE)
     _assemble_fails(out, shards, re.escape(f"key '{part['key'][0]}' is in more than one shard"))
-    write_part(out, "00004", pl.concat([other, other]))  # twice in one part: the same check
+    write_part(out, "00004", pl.concat([other, other]), min_clip_score=IRREGULAR_MIN_CLIP_SCORE)  # twice in one part
     _assemble_fails(out, shards, re.escape(f"key '{other['key'][0]}' is in more than one shard"))
-    write_part(out, "00004", other)
+    write_part(out, "00004", other, min_clip_score=0.2)  # the shard of another params.yaml
+    _assemble_fails(out, shards, re.escape("shard 00000 was assembled with assemble.min_clip_score 0.01 but shard "
+                                           "00004 with 0.2; re-assemble"))
+    slides_path = out / "parts" / "00004.slides.json"
+    slides_path.write_text(json.dumps([{k: v for k, v in r.items() if k != "pairs_below_min_clip_score"}
+                                       for r in json.loads(slides_path.read_text())]))
+    _assemble_fails(out, shards, r"shard 00004: .*00004\.slides\.json has no clip score filter counts")
+    write_part(out, "00004", other, min_clip_score=IRREGULAR_MIN_CLIP_SCORE)
 
     write_parquet(part.drop("summary_cut"), out / "parts" / "00002.parquet")
     _assemble_fails(out, shards, r"shard 00002: .*00002\.parquet does not have the assembled part schema")

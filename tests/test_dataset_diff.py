@@ -16,6 +16,7 @@ import polars as pl
 import pytest
 import yaml
 from PIL import Image
+from test_assemble import assemble_clip, assemble_params, write_store  # noqa: F401 (a fixture)
 
 from pathgen.cli import build_parser
 from pathgen.errors import PathgenError
@@ -72,8 +73,9 @@ def jpeg(seed: int) -> bytes:
     return encode_jpeg(Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)), 90)
 
 
-def write_upstream(data: Path, shard: str, pairs: dict[str, tuple[str, int]]) -> None:
-    """The inputs assemble_shard reads (patch tars, selection, tile info, captions, revisions, summaries)."""
+def write_upstream(data: Path, shard: str, pairs: dict[str, tuple[str, int]], clip: dict) -> None:
+    """The inputs assemble_shard reads (patch tars, selection, tile info, embeddings of `clip`, captions,
+    revisions, summaries)."""
     rows = [(key, key.split("/")[0], *(int(v[1:]) for v in key.split("/")[1].split("_")), summary, seed)
             for key, (summary, seed) in sorted(pairs.items())]
     for entry in SHARDS[shard]:
@@ -87,6 +89,7 @@ def write_upstream(data: Path, shard: str, pairs: dict[str, tuple[str, int]]) ->
                     "reasons": pl.String, "report_score": pl.Float32, "attribute_score": pl.Float32,
                     "cluster": pl.Int32}), data / "selection" / f"{entry.slide_id}.parquet")
         write_json({"slide_id": entry.slide_id, "mpp": 0.25}, data / "tiles" / f"{entry.slide_id}.json")
+        write_store(data, entry.slide_id, [(x, y) for _, _, x, y, _, _ in mine], clip)
     keys = [r[0] for r in rows]
     write_parquet(pl.DataFrame({
         "key": keys, "slide_id": [r[1] for r in rows], "x": [r[2] for r in rows], "y": [r[3] for r in rows],
@@ -108,15 +111,15 @@ def write_upstream(data: Path, shard: str, pairs: dict[str, tuple[str, int]]) ->
     }, schema_overrides={"summary_tokens": pl.Int32}), data / "summaries" / f"{shard}.parquet")
 
 
-def build(repo: Path, upstream: Path, pairs: dict[str, tuple[str, int]]) -> None:
+def build(repo: Path, upstream: Path, pairs: dict[str, tuple[str, int]], clip: dict) -> None:
     """Assemble `pairs` into repo/data/dataset with the pipeline's own assemble steps."""
     out = repo / "data" / "dataset"
     shutil.rmtree(out, ignore_errors=True)
     for shard in SHARDS:
         slides = {e.slide_id for e in SHARDS[shard]}
         mine = {key: v for key, v in pairs.items() if key.split("/")[0] in slides}
-        write_upstream(upstream / shard, shard, mine)
-        assemble_shard(shard, SHARDS[shard], upstream / shard, out)
+        write_upstream(upstream / shard, shard, mine, clip)
+        assemble_shard(shard, SHARDS[shard], upstream / shard, out, assemble_params(clip))
     assemble_dataset(out, list(SHARDS))
 
 
@@ -135,7 +138,7 @@ def commit(repo: Path, message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
+def repo(tmp_path_factory, assemble_clip) -> Path:
     """HEAD~2: no dataset; HEAD~1: V1; HEAD: V2; workspace: V3, built but not added (do not modify)."""
     root = tmp_path_factory.mktemp("diff")
     repo = root / "repo"
@@ -148,11 +151,11 @@ def repo(tmp_path_factory) -> Path:
     # the DVCFileSystem of the tests reads this setting.
     sh(repo, str(BIN / "dvc"), "config", "--local", "core.site_cache_dir", str(root / "dvc-site-cache"))
     sh(repo, "git", "commit", "-q", "-m", "dvc init")
-    build(repo, root / "upstream-v1", V1)
+    build(repo, root / "upstream-v1", V1, assemble_clip)
     commit(repo, "v1")
-    build(repo, root / "upstream-v2", V2)
+    build(repo, root / "upstream-v2", V2, assemble_clip)
     commit(repo, "v2")
-    build(repo, root / "upstream-v3", V3)
+    build(repo, root / "upstream-v3", V3, assemble_clip)
     return repo
 
 

@@ -27,9 +27,11 @@ STEP_FILES = {
     "caption": {"steps/caption.py", *ENGINE_FILES, "store/patch_tars.py", "store/shards.py"},
     "revise": {"steps/revise.py", *ENGINE_FILES, "store/patch_tars.py", "store/shards.py", "text/sentences.py"},
     "summarize": {"steps/summarize.py", *ENGINE_FILES, "text/sentences.py", "text/tokens.py"},
-    "assemble": {"steps/assemble.py", "interop/pathgen_json.py", "store/dataset.py", "store/io.py",
+    # clip_score: the CLIP's text features and the stored image features (models/clip imports device, fingerprint)
+    "assemble": {"steps/assemble.py", "interop/pathgen_json.py", "models/clip.py", "models/device.py",
+                 "models/fingerprint.py", "store/dataset.py", "store/embeddings.py", "store/io.py",
                  "store/manifest.py", "store/patch_tars.py", "store/shards.py", "store/status.py",
-                 "store/tables.py", "text/tokens.py"},
+                 "store/tables.py"},
     "report": {"reporting/pages.py", "reporting/html.py", "store/dataset.py", "store/io.py", "store/seeds.py",
                "store/tables.py", "text/tokens.py"},
 }

@@ -4,7 +4,8 @@ Per shard (`assemble_shard`), for every kept patch of the shard's slides:
 
 - `{key}.jpg`: the patch bytes, copied unchanged from `data/patches/{slide}.tar`;
 - `{key}.txt`: the summary (the caption CLIP trains on), UTF-8, as written;
-- `{key}.json`: provenance (selection, description, revision, summary, fingerprints).
+- `{key}.json`: provenance (selection, description, revision, summary, fingerprints) and the
+  pair's `clip_score`.
 
 Members are in key order (`{slide_id}/x{X:07d}_y{Y:07d}`), each pair's three
 members together, so WebDataset groups them into one sample whose `__key__`
@@ -12,6 +13,20 @@ is the key. The same rows go to `parts/{shard}.parquet`.
 
 The shard's slides and how their jobs ended (ok or quarantined, with the
 step and reason; pathgen.store.status) go to `parts/{shard}.slides.json`.
+
+`clip_score` is the cosine similarity, under the retrieval CLIP (params.yaml
+`clip`), of the patch's stored image feature (`data/embeddings/{slide}.zarr`,
+the `features` row whose `coords` are the pair's x, y; the store must have
+been embedded with that CLIP) and the text feature of its summary, computed in
+float64 and rounded to 6 decimals (`CLIP_SCORE_DECIMALS`), so float noise
+cannot change a byte. The stored features are float16, so both vectors are
+renormalised: a cosine, not select's raw dot. Text features come through the
+item cache (agent `clip-text`, as select's prompts): a shard whose summaries
+were all seen before loads no CLIP; a missing text is encoded on CPU, alone.
+With `assemble.min_clip_score` set, a pair whose (rounded) score is below it
+is left out of the shard (neither tar nor part); each slide's record in
+`parts/{shard}.slides.json` counts them (`pairs_below_min_clip_score`) and
+names the threshold, and the dataset's metrics sum them.
 
 For the dataset (`assemble_dataset`): `manifest.parquet`, `sizes.json` (read by
 open_clip's trainer), `metrics.json`, plot data under `plots/`, an export in
@@ -25,7 +40,9 @@ what succeeded, never the previous build's).
 the manifest is a parquet sink over lazy scans of the parts (in shard order,
 each in key order), metrics and plots are aggregations (exact integer sums,
 the summary_tokens histogram, p95 as np.percentile computes it from that
-histogram), the export is written part by part, and keys are checked unique
+histogram; the clip_score statistics likewise from the histogram of the
+scores in millionths, exact integers, so mean and percentiles do not depend
+on summation order), the export is written part by part, and keys are checked unique
 by a streaming group-by. About 0.9 GB peak RSS for 1.6M pairs of 100-300-word
 texts, where holding them took 11 GB (bench/assemble.py); the same bytes.
 """
@@ -42,6 +59,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import polars as pl
 
 from pathgen.errors import PathgenError
@@ -77,6 +95,8 @@ PART_SCHEMA = {
     "summary": pl.String,
     "summary_tokens": pl.Int32,
     "summary_cut": pl.Boolean,
+    # cosine of the patch's CLIP image feature and the summary's text feature, 6 decimals (module doc)
+    "clip_score": pl.Float32,
     # how each text was made: engine, why generation stopped ("stop" | "length"), tokens generated
     "describe_engine": pl.String,
     "describe_finish": pl.String,
@@ -98,13 +118,17 @@ REVISED_COLUMNS = ("key", "ops", "revised", "revise_status", "revise_engine", "r
                    "revise_fingerprint")
 SUMMARY_COLUMNS = ("key", "summary", "summary_tokens", "summary_cut", "summarize_engine", "summarize_finish",
                    "summarize_fingerprint")
+CLIP_SCORE_DECIMALS = 6
+MICRO = 10**CLIP_SCORE_DECIMALS  # scores in millionths are exact integers: what the statistics are computed on
 
 
 def shard_inputs(shard: str, slide_ids: list[str], data_dir: str | Path) -> dict[str, list[Path]]:
-    """The input files of `assemble_shard`, by kind (patches, selection, tiles, captions, revised, summaries)."""
+    """The input files of `assemble_shard`, by kind (patches, selection, tiles, embeddings, captions, revised,
+    summaries)."""
     data_dir = Path(data_dir)
     return {
         "patches": [data_dir / "patches" / f"{s}.tar" for s in slide_ids],
+        "embeddings": [data_dir / "embeddings" / f"{s}.zarr" for s in slide_ids],
         "selection": [data_dir / "selection" / f"{s}.parquet" for s in slide_ids],
         "tiles": [data_dir / "tiles" / f"{s}.json" for s in slide_ids],
         "captions": [data_dir / "captions" / f"{shard}.parquet"],
@@ -259,15 +283,112 @@ class _SlideTars:
         self.tar, self.slide_id, self.members = None, None, {}
 
 
-def assemble_shard(shard: str, slides: list[SlideEntry], data_dir: str | Path, out_dir: str | Path) -> pl.DataFrame:
+def clip_scores(shard: str, rows: list[dict[str, Any]], data_dir: Path, clip_cfg: dict[str, Any],
+                cache_dir: str | Path | None = None, flush_every: int = 32,
+                info: dict[str, Any] | None = None) -> list[float]:
+    """The `clip_score` of each row (module docstring), in row order.
+
+    Reads the embeddings store of each slide that has rows, one at a time, keeping only the rows' features.
+    A missing store, a store embedded with another CLIP (its attrs' model_fingerprint), a pair whose
+    coords are no row of the store, or features of another width than the text features raise
+    PathgenError naming the shard, slide (and key). `info` receives the text cache counters, whether the
+    CLIP was loaded, and the number of distinct summaries.
+    """
+    # Imported here: open_clip and torch (~700 MB resident) are for the shard job, not for assemble_dataset.
+    from pathgen.models.clip import TEXT_CACHE_AGENT, LazyClip, cached_text_features, clip_fingerprint
+    from pathgen.models.fingerprint import hash_store
+    from pathgen.store.cache import ItemCache
+    from pathgen.store.embeddings import read_embeddings
+
+    info = {} if info is None else info
+    if not rows:
+        info.update(cache=None, clip_loaded=False, texts=0)
+        return []
+    store = hash_store(cache_dir) if cache_dir is not None else None
+    fingerprint, _ = clip_fingerprint(clip_cfg, store)
+    by_slide: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_slide.setdefault(row["slide_id"], []).append(i)
+    image: list[np.ndarray | None] = [None] * len(rows)
+    for slide_id, indices in by_slide.items():
+        path = data_dir / "embeddings" / f"{slide_id}.zarr"
+        where = f"shard {shard}, slide '{slide_id}'"
+        if not path.exists():
+            raise PathgenError(f"{where}: input {path} not found")
+        features, coords, attrs = read_embeddings(path)
+        theirs = attrs.get("model_fingerprint")
+        if theirs != fingerprint:
+            raise PathgenError(f"{where}: {path} was embedded with a different CLIP (fingerprint "
+                               f"{str(theirs)[:12]}) than params.yaml clip names ({clip_cfg['checkpoint']}, "
+                               f"fingerprint {fingerprint[:12]}); re-run embed")
+        row_of: dict[tuple[int, int], int] = {}
+        for r, (x, y) in enumerate(coords.tolist()):
+            row_of.setdefault((int(x), int(y)), r)
+        for i in indices:
+            x, y = rows[i]["x"], rows[i]["y"]
+            r = row_of.get((x, y))
+            if r is None:
+                raise PathgenError(f"{where}, key '{rows[i]['key']}': no row of {path} has coords ({x}, {y})")
+            image[i] = features[r].copy()
+        del features, coords
+    texts = sorted({row["summary"] for row in rows})
+    clip = LazyClip(clip_cfg, "cpu", store)  # CPU: the text tower is cheap and CPU rows are reproducible
+    cache = ItemCache(cache_dir, TEXT_CACHE_AGENT, fingerprint, flush_every) if cache_dir is not None else None
+    try:
+        text_features = cached_text_features(clip, fingerprint, texts, cache)
+    finally:
+        if cache is not None:
+            cache.close()
+    info.update(cache=cache.stats.as_dict() if cache is not None else None, clip_loaded=clip.loaded,
+                texts=len(texts))
+    img = np.stack(image).astype(np.float64)
+    if img.shape[1] != text_features.shape[1]:
+        slide_id = rows[0]["slide_id"]
+        raise PathgenError(f"shard {shard}, slide '{slide_id}': {data_dir / 'embeddings' / f'{slide_id}.zarr'} "
+                           f"has {img.shape[1]}-dimensional features but the CLIP's text features have "
+                           f"{text_features.shape[1]}; re-run embed")
+    text_row = {text: i for i, text in enumerate(texts)}
+    txt = text_features.astype(np.float64)[[text_row[row["summary"]] for row in rows]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cosine = (img * txt).sum(axis=1) / (np.sqrt((img * img).sum(axis=1)) * np.sqrt((txt * txt).sum(axis=1)))
+    bad = np.flatnonzero(~np.isfinite(cosine))
+    if len(bad):
+        row = rows[int(bad[0])]
+        raise PathgenError(f"shard {shard}, slide '{row['slide_id']}', key '{row['key']}': its feature in "
+                           f"{data_dir / 'embeddings' / (row['slide_id'] + '.zarr')} or its summary's text "
+                           "feature is zero or not finite")
+    return [round(float(c), CLIP_SCORE_DECIMALS) + 0.0 for c in cosine]  # + 0.0: no -0.0
+
+
+def assemble_shard(shard: str, slides: list[SlideEntry], data_dir: str | Path, out_dir: str | Path,
+                   params: dict[str, Any], cache_dir: str | Path | None = None, flush_every: int = 32,
+                   info: dict[str, Any] | None = None) -> pl.DataFrame:
     """Write `out_dir/{shard}.tar` (WebDataset) and `out_dir/parts/{shard}.parquet`; return the part rows.
 
+    `params`: params.yaml's `clip` and `assemble` sections. Each pair gets its `clip_score` (`clip_scores`,
+    text features through the item cache under `cache_dir`); with `assemble.min_clip_score` set, pairs
+    scoring below it are left out and counted per slide in `parts/{shard}.slides.json`. `info` receives
+    the counters: pairs, pairs_below_min_clip_score, text cache, clip_loaded.
+
     A missing input file, a captioned key without a kept selection row, a
-    revised/summary row or a tar member, or a kept patch without captions
+    revised/summary row, a tar member or an embeddings row, or a kept patch without captions
     raises PathgenError naming the shard, slide and key.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
+    info = {} if info is None else info
+    threshold = params["assemble"]["min_clip_score"]
     rows = _pair_rows(shard, slides, data_dir)
+    scores = clip_scores(shard, rows, data_dir, params["clip"], cache_dir, flush_every, info)
+    below: dict[str, int] = {}
+    kept: list[dict[str, Any]] = []
+    for row, score in zip(rows, scores):
+        row["clip_score"] = score
+        if threshold is not None and score < threshold:
+            below[row["slide_id"]] = below.get(row["slide_id"], 0) + 1
+        else:
+            kept.append(row)
+    rows = kept
+    info.update(pairs=len(rows), pairs_below_min_clip_score=sum(below.values()))
     tars = _SlideTars(shard, data_dir)
     try:
         with atomic_path(out_dir / f"{shard}.tar") as tmp:
@@ -285,20 +406,25 @@ def assemble_shard(shard: str, slides: list[SlideEntry], data_dir: str | Path, o
         schema=PART_SCHEMA,
         orient="row",
     )
-    write_json(shard_slide_records(shard, slides, data_dir, part), out_dir / "parts" / f"{shard}.slides.json")
+    write_json(shard_slide_records(shard, slides, data_dir, part, below, threshold),
+               out_dir / "parts" / f"{shard}.slides.json")
     write_parquet(part, out_dir / "parts" / f"{shard}.parquet")
     return part
 
 
-def shard_slide_records(shard: str, slides: list[SlideEntry], data_dir: Path, part: pl.DataFrame) -> list[dict]:
-    """Each slide of the shard with its pair count and its select job's status (ok when it has none)."""
+def shard_slide_records(shard: str, slides: list[SlideEntry], data_dir: Path, part: pl.DataFrame,
+                        below: dict[str, int] | None = None, min_clip_score: float | None = None) -> list[dict]:
+    """Each slide of the shard with its pair count, its select job's status (ok when it has none), the pairs
+    left out below `min_clip_score` (`below`: slide -> count) and that threshold."""
     pairs = dict(part.group_by("slide_id").agg(pl.len()).iter_rows()) if part.height else {}
     out = []
     for entry in slides:
         path = data_dir / "patches" / f"{entry.slide_id}.status.json"
         rec = read_status(path) if path.is_file() else {"status": "ok", "step": None, "reason": None}
         out.append({"slide_id": entry.slide_id, "shard": shard, "status": rec["status"], "step": rec["step"],
-                    "reason": rec["reason"], "pairs": int(pairs.get(entry.slide_id, 0))})
+                    "reason": rec["reason"], "pairs": int(pairs.get(entry.slide_id, 0)),
+                    "pairs_below_min_clip_score": int((below or {}).get(entry.slide_id, 0)),
+                    "min_clip_score": min_clip_score})
     return out
 
 
@@ -364,10 +490,18 @@ def dataset_metrics(manifest: pl.DataFrame | pl.LazyFrame, shards: list[str]) ->
     return _metrics(*_aggregate(manifest.lazy()), shards)
 
 
-def _aggregate(lazy: pl.LazyFrame) -> tuple[dict[str, Any], list[tuple[int, int]], pl.DataFrame]:
-    """(counts and sums, summary_tokens histogram, pairs per tissue) of the pairs of `lazy`, streamed.
+def clip_micro() -> pl.Expr:
+    """clip_score in millionths, as exact integers (a Float32 of a 6-decimal value is within 1e-7 of it)."""
+    return (pl.col("clip_score").cast(pl.Float64) * MICRO).round(0).cast(pl.Int64)
 
-    The histogram is (tokens, pairs) in tokens order, nulls left out; a negative count is an error.
+
+def _aggregate(lazy: pl.LazyFrame) -> tuple[dict[str, Any], list[tuple[int, int]], pl.DataFrame,
+                                            list[tuple[int, int]]]:
+    """(counts and sums, summary_tokens histogram, pairs per tissue, clip_score histogram) of the pairs of
+    `lazy`, streamed.
+
+    The histograms are (tokens, pairs) in tokens order and (clip_score in millionths, pairs), nulls left
+    out; a negative token count is an error.
     """
     def count(mask: pl.Expr) -> pl.Expr:
         return mask.cast(pl.Int64).sum()
@@ -387,20 +521,23 @@ def _aggregate(lazy: pl.LazyFrame) -> tuple[dict[str, Any], list[tuple[int, int]
         revise_unconstrained=count(~pl.col("revise_constrained").fill_null(False)),
         summary_truncated=count(pl.col("summarize_finish") == "length"),
         cut=count(pl.col("summary_cut").fill_null(False)),
+        clip_score_nulls=pl.col("clip_score").null_count(),
     )
     tokens = lazy.group_by("summary_tokens").agg(pl.len()).sort("summary_tokens")
+    scores = lazy.select(micro=clip_micro()).group_by("micro").agg(pl.len()).sort("micro")
     tissue = (lazy.group_by("tissue").agg(pl.len().alias("pairs"))
               .sort(["pairs", "tissue"], descending=[True, False]))
-    # three queries, not one collect_all: sharing the scan between them caches its text columns
-    stats, tokens, tissue = (q.collect(engine="streaming") for q in (stats, tokens, tissue))
+    # separate queries, not one collect_all: sharing the scan between them caches its text columns
+    stats, tokens, tissue, scores = (q.collect(engine="streaming") for q in (stats, tokens, tissue, scores))
     counts = [(int(t), int(c)) for t, c in tokens.iter_rows() if t is not None]
     if counts and counts[0][0] < 0:
         _negative_tokens(lazy)
-    return stats.row(0, named=True), counts, tissue
+    score_counts = [(int(m), int(c)) for m, c in scores.iter_rows() if m is not None]
+    return stats.row(0, named=True), counts, tissue, score_counts
 
 
 def _metrics(stats: dict[str, Any], tokens: list[tuple[int, int]], tissue: pl.DataFrame,
-             shards: list[str]) -> dict[str, Any]:
+             scores: list[tuple[int, int]], shards: list[str]) -> dict[str, Any]:
     n = int(stats["pairs"])
 
     def pct(name: str) -> float | None:
@@ -411,6 +548,16 @@ def _metrics(stats: dict[str, Any], tokens: list[tuple[int, int]], tissue: pl.Da
 
     nulls = int(stats["summary_tokens_nulls"])
     p95 = percentile_of_counts(tokens, 95)
+    score_nulls = int(stats["clip_score_nulls"])
+
+    def score_percentile(q: float) -> float | None:
+        """np.percentile over the scores in millionths (exact integers), in score units; NaN with nulls."""
+        if score_nulls and n:
+            return math.nan
+        value = percentile_of_counts(scores, q)
+        return None if value is None else value / MICRO
+
+    score_total = sum(m * c for m, c in scores)
     return {
         "pairs": n,
         "slides": int(stats["slides"]),
@@ -429,6 +576,11 @@ def _metrics(stats: dict[str, Any], tokens: list[tuple[int, int]], tissue: pl.Da
         "pct_revise_unconstrained": r(pct("revise_unconstrained")),
         "pct_summary_truncated": r(pct("summary_truncated")),
         "pct_cut": r(pct("cut")),
+        # over the dataset's pairs (those below assemble.min_clip_score are not among them)
+        "clip_score_mean": r(None if not n else math.nan if score_nulls else score_total / (n * MICRO)),
+        "clip_score_p05": r(score_percentile(5)),
+        "clip_score_p50": r(score_percentile(50)),
+        "clip_score_p95": r(score_percentile(95)),
     }
 
 
@@ -445,6 +597,19 @@ def _tsv_text(header: list[str], rows: list[list[Any]]) -> str:
     def cell(value: Any) -> str:
         return " ".join(str("" if value is None else value).split())
     return "".join("\t".join(cell(v) for v in row) + "\n" for row in [header, *rows])
+
+
+CLIP_SCORE_BIN = 20_000  # the clip_scores.csv bins: 0.02 wide (in millionths), from -1 to 1
+
+
+def clip_score_histogram(counts: list[tuple[int, int]]) -> list[list[Any]]:
+    """[bin start, pairs] for the 100 bins [-1.00, -0.98), ..., [0.98, 1.00] (the last includes 1; a score
+    outside [-1, 1] counts in the edge bin), from (score in millionths, pairs)."""
+    bins = 2 * MICRO // CLIP_SCORE_BIN
+    hist = [0] * bins
+    for micro, c in counts:
+        hist[min(bins - 1, max(0, (micro + MICRO) // CLIP_SCORE_BIN))] += c
+    return [[f"{(i * CLIP_SCORE_BIN - MICRO) / MICRO:.2f}", c] for i, c in enumerate(hist)]
 
 
 def token_histogram(counts: list[tuple[int, int]]) -> list[list[int]]:
@@ -547,6 +712,7 @@ def assemble_dataset(out_dir: str | Path, shards: list[str], incomplete: dict[st
     parts: list[_Part] = []
     sizes: dict[str, int] = {}
     slide_records: list[dict[str, Any]] = []
+    thresholds: dict[float | None, str] = {}  # assemble.min_clip_score -> the first shard assembled with it
     for shard in shards:
         if shard in incomplete:
             continue
@@ -559,13 +725,24 @@ def assemble_dataset(out_dir: str | Path, shards: list[str], incomplete: dict[st
         sizes[tar_path.name] = part.rows
         slides_path = out_dir / "parts" / f"{shard}.slides.json"
         if slides_path.is_file():
-            slide_records.extend(json.loads(slides_path.read_text(encoding="utf-8")))
+            records = json.loads(slides_path.read_text(encoding="utf-8"))
+            for rec in records:
+                if not {"pairs_below_min_clip_score", "min_clip_score"} <= set(rec):
+                    raise PathgenError(f"shard {shard}: {slides_path} has no clip score filter counts "
+                                       "(assembled before clip scores); re-assemble it")
+                thresholds.setdefault(rec["min_clip_score"], shard)
+            slide_records.extend(records)
+    if len(thresholds) > 1:
+        (a, first), (b, second) = list(thresholds.items())[:2]
+        raise PathgenError(f"shard {first} was assembled with assemble.min_clip_score {a} but shard {second} with "
+                           f"{b}; re-assemble the shards with one params.yaml")
+    min_clip_score = next(iter(thresholds), None)
     duplicated = _first_duplicated_key(parts)
     if duplicated is not None:
         raise PathgenError(f"key '{duplicated}' is in more than one shard")
 
-    stats, tokens, tissue = _aggregate(_manifest(parts))
-    metrics = _metrics(stats, tokens, tissue, shards)
+    stats, tokens, tissue, scores = _aggregate(_manifest(parts))
+    metrics = _metrics(stats, tokens, tissue, scores, shards)
     quarantined = [r for r in slide_records if r["status"] == QUARANTINED]
     metrics.update({
         "complete": not incomplete,
@@ -573,11 +750,14 @@ def assemble_dataset(out_dir: str | Path, shards: list[str], incomplete: dict[st
         "slides_in_shards": len(slide_records),
         "slides_quarantined": len(quarantined),
         "slides_without_pairs": sum(1 for r in slide_records if r["status"] != QUARANTINED and r["pairs"] == 0),
+        "min_clip_score": min_clip_score,
+        "pairs_below_min_clip_score": sum(int(r["pairs_below_min_clip_score"]) for r in slide_records),
     })
     failures = [[r["shard"], r["slide_id"], r["step"], r["reason"]] for r in quarantined]
     failures += [[shard, "", "shard", why] for shard, why in incomplete.items()]
     plot_rows = {"caption_tokens.csv": token_histogram(tokens),
-                 "pairs_per_tissue.csv": [list(r) for r in tissue.iter_rows()]}
+                 "pairs_per_tissue.csv": [list(r) for r in tissue.iter_rows()],
+                 "clip_scores.csv": clip_score_histogram(scores)}
     for name, columns in PLOTS.items():
         write_text(_csv_text(list(columns), plot_rows[name]), out_dir / "plots" / name)
     write_text(_tsv_text(list(FAILURE_COLUMNS), sorted(failures)), out_dir / FAILURES_NAME)
