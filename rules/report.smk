@@ -12,6 +12,7 @@ rule report_pages:
         metrics="data/dataset/metrics.json",
         tokens="data/dataset/plots/caption_tokens.csv",
         tissues="data/dataset/plots/pairs_per_tissue.csv",
+        clip_scores="data/dataset/plots/clip_scores.csv",
         failures="data/dataset/failures.tsv",
     output:
         samples=report("data/report/samples.html", caption="../report/samples.rst", category="Dataset",

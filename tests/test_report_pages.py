@@ -51,7 +51,8 @@ def _row(shard: str, slide_id: str, i: int) -> dict:
     return {
         "shard": shard, "key": key, "slide_id": slide_id, "tissue": TISSUE[slide_id], "project": None,
         "file_id": None, "x": 672 * i, "y": 0, "level": 0, "size": 672, "mpp": 0.25, "reasons": "cluster",
-        "report_score": 0.1, "attribute_score": 0.2, "cluster": i, "description": description,
+        "report_score": 0.1, "attribute_score": 0.2, "cluster": i, "clip_score": -0.25 + 0.05 * (i % 3),
+        "description": description,
         "ops": json.dumps(ops if applied else []), "revised": revised,
         "revise_status": "applied" if applied else "unchanged",
         "summary": f"Summary of {slide_id}#{i} <with> 'quotes' & more.", "summary_tokens": 10 + 7 * i,
@@ -172,6 +173,18 @@ def test_plots_page_draws_one_proportional_bar_per_row(dataset):
         assert h == pytest.approx(count * scale, abs=0.01)
     bottoms = {round(float(b.get("y")) + float(b.get("height")), 2) for b in bars}
     assert len(bottoms) == 1  # all bars stand on the axis
+
+    with open(dataset / "plots" / "clip_scores.csv", newline="") as fh:
+        scores = [(r["clip_score"], int(r["pairs"])) for r in csv.DictReader(fh)]
+    bars = _bars(page, "clip-scores")
+    assert [(b.get("data-bin"), int(b.get("data-count"))) for b in bars] == scores and len(scores) == 100
+    residues = [i % 3 for slides in LAYOUT.values() for count in slides.values() for i in range(count)]
+    expected = {"-0.26": residues.count(0), "-0.20": residues.count(1), "-0.16": residues.count(2)}  # -0.25, -0.2, -0.15
+    assert {s: c for s, c in scores if c} == expected
+    heights = [float(b.get("height")) for b in bars]
+    for (_, count), h in zip(scores, heights):
+        assert h == pytest.approx(count * max(heights) / max(expected.values()), abs=0.01)
+    assert len({round(float(b.get("y")) + float(b.get("height")), 2) for b in bars}) == 1
 
     with open(dataset / "plots" / "pairs_per_tissue.csv", newline="") as fh:
         tissues = [(r["tissue"], int(r["pairs"])) for r in csv.DictReader(fh)]

@@ -4,8 +4,9 @@
   manifest, spread over the slides; each shows its patch (the JPEG bytes of the
   shard tar, embedded as a base64 data URI) beside its description, its revision
   (status and the operations applied) and its summary with its token count.
-- `plots.html` (`plots_html`): `metrics.json` as a table and the two plot CSVs
-  (`plots/caption_tokens.csv`, `plots/pairs_per_tissue.csv`) as inline SVG bar charts.
+- `plots.html` (`plots_html`): `metrics.json` as a table and the three plot CSVs
+  (`plots/caption_tokens.csv`, `plots/clip_scores.csv`, `plots/pairs_per_tissue.csv`) as inline SVG bar
+  charts.
 
 Both pages are plain HTML with a small inline style sheet: no scripts, no
 external resources, no timestamps, so the same dataset and seed give the same
@@ -62,6 +63,12 @@ METRIC_LABELS = {
     "slides_in_shards": "Slides in the assembled shards",
     "slides_quarantined": "Slides quarantined (input errors)",
     "slides_without_pairs": "Slides without pairs (no tissue kept)",
+    "clip_score_mean": "CLIP score of patch and caption, mean",
+    "clip_score_p05": "CLIP score, 5th percentile",
+    "clip_score_p50": "CLIP score, median",
+    "clip_score_p95": "CLIP score, 95th percentile",
+    "min_clip_score": "Pairs left out below this CLIP score (assemble.min_clip_score)",
+    "pairs_below_min_clip_score": "Pairs left out below min_clip_score",
 }
 
 STYLE = """
@@ -379,6 +386,37 @@ def token_histogram_svg(rows: list[tuple[int, int]]) -> str:
     return "\n".join(out)
 
 
+def clip_score_histogram_svg(rows: list[tuple[str, int]]) -> str:
+    """Vertical bars, one per (bin start, pairs) row of plots/clip_scores.csv, heights proportional to pairs."""
+    width, height = 760, 280
+    left, right, top, bottom = 52, 12, 14, 40
+    plot_w, plot_h = width - left - right, height - top - bottom
+    peak = nice_ceiling(max((c for _, c in rows), default=0))
+    slot = plot_w / max(len(rows), 1)
+    base = top + plot_h
+    out = [f'<svg id="clip-scores" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="CLIP score histogram">']
+    for tick in _ticks(peak):
+        y = base - tick / peak * plot_h
+        out.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{_num(y)}" y2="{_num(y)}"/>')
+        out.append(f'<text x="{left - 6}" y="{_num(y + 4)}" text-anchor="end">{_tick_label(tick)}</text>')
+    for i, (start, count) in enumerate(rows):
+        h = count / peak * plot_h
+        x = left + i * slot + slot * 0.1
+        out.append(f'<rect class="bar" data-bin="{esc(start)}" data-count="{count}" x="{_num(x)}" '
+                   f'y="{_num(base - h)}" width="{_num(slot * 0.8)}" height="{_num(h)}">'
+                   f"<title>from {esc(start)}: {count} pair(s)</title></rect>")
+        if i % 10 == 0:
+            out.append(f'<text x="{_num(left + i * slot)}" y="{base + 15}" text-anchor="middle">{esc(start)}</text>')
+    out.append(f'<line class="axis" x1="{left}" x2="{width - right}" y1="{base}" y2="{base}"/>')
+    out.append(f'<text x="{left + plot_w / 2:.2f}" y="{height - 6}" text-anchor="middle">'
+               "cosine of patch and caption (retrieval CLIP)</text>")
+    out.append(f'<text x="14" y="{top + plot_h / 2:.2f}" text-anchor="middle" '
+               f'transform="rotate(-90 14 {top + plot_h / 2:.2f})">pairs</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
 def tissue_bars_svg(rows: list[tuple[str, int]]) -> str:
     """Horizontal bars, one per (tissue, pairs) row in CSV order, lengths proportional to pairs."""
     width, label_w, right, row_h, top, bottom = 760, 140, 60, 26, 8, 28
@@ -425,7 +463,8 @@ def metrics_table_html(metrics: dict[str, Any]) -> str:
 
 
 def plots_html(dataset_dir: str | Path) -> str:
-    """The dataset page: metrics.json as a table, the token histogram and the pairs per tissue as SVG."""
+    """The dataset page: metrics.json as a table, the token and CLIP score histograms and the pairs per tissue
+    as SVG."""
     dataset_dir = Path(dataset_dir)
     metrics_path = dataset_dir / "metrics.json"
     if not metrics_path.is_file():
@@ -438,6 +477,7 @@ def plots_html(dataset_dir: str | Path) -> str:
         raise PathgenError(f"{metrics_path}: must hold a JSON object")
     tokens = _read_csv(dataset_dir / "plots" / "caption_tokens.csv", ("tokens", "count"), numeric_first=True)
     tissues = _read_csv(dataset_dir / "plots" / "pairs_per_tissue.csv", ("tissue", "pairs"), numeric_first=False)
+    scores = _read_csv(dataset_dir / "plots" / "clip_scores.csv", ("clip_score", "pairs"), numeric_first=False)
     body = (
         "<h1>Dataset</h1>\n"
         f'<p class="lead">{esc(metrics.get("pairs", "?"))} image–caption pairs from '
@@ -448,6 +488,10 @@ def plots_html(dataset_dir: str | Path) -> str:
         f'<figure class="chart">{token_histogram_svg(tokens)}\n'
         "<figcaption>Pairs by the token count of their summary (CLIP's tokenizer); summaries longer than the "
         "context are cut at its limit.</figcaption></figure>\n"
+        '<h2>CLIP scores <span class="meta">plots/clip_scores.csv</span></h2>\n'
+        f'<figure class="chart">{clip_score_histogram_svg(scores)}\n'
+        "<figcaption>Pairs by the cosine similarity of patch and caption under the retrieval CLIP, in bins "
+        "0.02 wide (pairs below assemble.min_clip_score are not in the dataset).</figcaption></figure>\n"
         '<h2>Pairs per tissue <span class="meta">plots/pairs_per_tissue.csv</span></h2>\n'
         f'<figure class="chart">{tissue_bars_svg(tissues)}\n'
         "<figcaption>Pairs per tissue, most first.</figcaption></figure>\n"
