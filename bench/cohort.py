@@ -24,7 +24,7 @@ Where the rates come from:
             generate-second, load seconds per job); --measure-models runs each step on
             --model-items demo patches with an empty cache instead; --rate STEP=ITEMS_PER_S
             overrides (e.g. a vLLM rate measured on a GPU node with bench/engines.py)
-  assemble  `assemble_shard` of the demo's first shard, per pair
+  assemble  `assemble_shard` of the demo's first shard, per pair (with the caption CLIP scores, empty cache)
 
 The demo's models are tiny: their caption/revise/summarize rates say nothing about 13B LLaVAs, and
 the output says which rates are whose. Nothing here writes under data/ or logs/.
@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pathgen.config import load_params  # noqa: E402
+from pathgen.config import load_params, step_params  # noqa: E402
 from pathgen.models.gpus import gpu_request  # noqa: E402
 from pathgen.store.manifest import read_manifest  # noqa: E402
 from pathgen.store.shards import shard_slides  # noqa: E402
@@ -129,8 +129,9 @@ def measure_assemble(slides, params) -> float:
     shard, ids = next(iter(shard_slides([s.slide_id for s in slides], params["shards"]["slides_per_shard"]).items()))
     entries = [s for s in slides if s.slide_id in ids]
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        part = assemble_shard(shard, entries, Path("data"), Path(tmp))
+        start = time.perf_counter()  # an empty cache: the summaries' CLIP text features are computed
+        part = assemble_shard(shard, entries, Path("data"), Path(tmp) / "out", step_params(params, "assemble"),
+                              cache_dir=Path(tmp) / "cache")
         return part.height / (time.perf_counter() - start)
 
 

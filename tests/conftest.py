@@ -128,3 +128,19 @@ def train_open_clip(tmp_path: Path, train_data: str, samples: int, checkpoint: P
     losses = [float(v) for v in re.findall(r"Contrastive_loss: ([-+0-9.eEnaif]+)", log)]
     assert losses and all(math.isfinite(v) for v in losses), log
     return log
+
+
+def forbid_clip_loading(monkeypatch) -> None:
+    """From here on, building a CLIP or hashing a checkpoint fails the test (a fresh job's process: the
+    in-process hash memo is emptied, so a hash must come from the hash store)."""
+    from pathgen.models import fingerprint
+
+    def no_clip(*args, **kwargs):
+        raise AssertionError("the CLIP was loaded")
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("the checkpoint was hashed again")
+
+    monkeypatch.setattr("pathgen.models.clip.load_clip", no_clip)
+    monkeypatch.setattr(fingerprint, "_known", {})
+    monkeypatch.setattr(fingerprint, "sha256_file", no_hashing)

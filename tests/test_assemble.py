@@ -20,7 +20,7 @@ import pytest
 import webdataset as wds
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import train_open_clip
+from conftest import forbid_clip_loading, train_open_clip
 from PIL import Image
 
 from pathgen.demo.slides import rectangle_label_map, write_synthetic_slide
@@ -113,9 +113,11 @@ def pair(slide_id: str, x: int, y: int, *, tokens: int, description: str, status
     }
 
 
-def write_inputs(data_dir: Path, shard: str, pairs: list[dict], clip: dict, mpp: float | None = 0.25) -> None:
-    """Write every input file of `assemble_shard` for `pairs` (plus one dropped candidate per slide), with
-    embeddings stores of `clip` (a `clip` section)."""
+def write_inputs(data_dir: Path, shard: str, pairs: list[dict], clip: dict, mpp: float | None = 0.25,
+                 qc: dict[str, list[str]] | None = None) -> None:
+    """Write every input file of `assemble_shard` for `pairs` (plus one dropped candidate per slide, and per
+    slide of `qc` one row per reason listed: patches quality control left out), with embeddings stores of
+    `clip` (a `clip` section)."""
     slides: dict[str, list[dict]] = {}
     for p in pairs:
         slides.setdefault(p["slide_id"], []).append(p)
@@ -124,6 +126,8 @@ def write_inputs(data_dir: Path, shard: str, pairs: list[dict], clip: dict, mpp:
         dropped = {"x": 99 * PATCH, "y": 99 * PATCH, "kept": False}
         write_store(data_dir, slide_id, [(p["x"], p["y"]) for p in rows] + [(dropped["x"], dropped["y"])], clip)
         sel = [{"x": p["x"], "y": p["y"], "kept": True} for p in rows] + [dropped]
+        failed = [{"x": (100 + j) * PATCH, "y": 0, "kept": False, "qc": f"qc:{r}"}
+                  for j, r in enumerate((qc or {}).get(slide_id, []))]
         write_parquet(pl.DataFrame(
             [{
                 "slide_id": slide_id, "tile": i, "x": s["x"], "y": s["y"], "size": PATCH, "level": 0,
@@ -131,12 +135,13 @@ def write_inputs(data_dir: Path, shard: str, pairs: list[dict], clip: dict, mpp:
                 "reasons": "report+cluster" if i == 0 else "cluster", "report_score": 0.5 - 0.125 * i,
                 "report_rank": i, "attribute_score": None, "attribute_rank": None, "cluster": i % 2,
                 "cluster_size": 3, "nn_similarity": 0.5, "kept": s["kept"], "duplicate_of": None,
-                "duplicate_similarity": None, "drop_probability": None, "drop_reason": None,
-            } for i, s in enumerate(sel)],
+                "duplicate_similarity": None, "drop_probability": None, "drop_reason": s.get("qc"),
+            } for i, s in enumerate(sel + failed)],
             schema=SELECTION_SCHEMA,
         ), data_dir / "selection" / f"{slide_id}.parquet")
-        write_json({"slide_id": slide_id, "mpp": mpp, "patch": {"size": PATCH, "level": 0, "read_size": PATCH,
-                                                                "out_size": PATCH}}, data_dir / "tiles" / f"{slide_id}.json")
+        write_json({"slide_id": slide_id, "mpp": mpp, "patches": len(sel) + len(failed),
+                    "patch": {"size": PATCH, "level": 0, "read_size": PATCH, "out_size": PATCH}},
+                   data_dir / "tiles" / f"{slide_id}.json")
     # Upstream tables are not necessarily in key order.
     rows = list(reversed(pairs))
     write_parquet(pl.DataFrame({
@@ -422,15 +427,7 @@ def test_a_second_assemble_of_the_shard_is_served_from_the_text_cache(built, tmp
     assert first_info["clip_loaded"] is True and (first_info["cache"]["misses"], first_info["texts"]) == (texts, texts)
     assert (cache / TEXT_CACHE_AGENT).is_dir() and (cache / ".checkpoint-hashes").is_dir()
 
-    def no_clip(*args, **kwargs):
-        raise AssertionError("the CLIP was loaded")
-
-    def no_hashing(*args, **kwargs):
-        raise AssertionError("the checkpoint was hashed again")
-
-    monkeypatch.setattr("pathgen.models.clip.load_clip", no_clip)
-    monkeypatch.setattr(fingerprint_module, "_known", {})
-    monkeypatch.setattr(fingerprint_module, "sha256_file", no_hashing)
+    forbid_clip_loading(monkeypatch)
     second_info, second = run("second")
     assert second_info["clip_loaded"] is False
     assert (second_info["cache"]["hits"], second_info["cache"]["misses"], second_info["cache"]["puts"]) == (texts, 0, 0)
@@ -506,6 +503,27 @@ def test_dataset_files(built):
     snapshot = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     assert assemble_dataset(out, ["00000", "00001"]) == metrics
     assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == snapshot
+
+
+def test_metrics_give_the_share_of_tissue_patches_quality_control_left_out(tmp_path, assemble_clip):
+    data, out = tmp_path / "data", tmp_path / "out"
+    qc = {"A": ["pen", "pen", "blur"], DOTTED: ["background"]}
+    for shard, pairs in PAIRS.items():
+        write_inputs(data, shard, pairs, assemble_clip, qc=qc)
+        assemble_shard(shard, SLIDES[shard], data, out, assemble_params(assemble_clip))
+    records = {r["slide_id"]: r for r in json.loads((out / "parts" / "00000.slides.json").read_text())}
+    assert records["A"]["qc_excluded"] == {"blur": 1, "pen": 2} and records[DOTTED]["qc_excluded"] == {"background": 1}
+    assert records["A"]["tissue_patches"] == 2 + 1 + 3  # kept, dropped candidate, left out
+    metrics = assemble_dataset(out, list(PAIRS))
+    tissue = (2 + 1 + 3) + (1 + 1 + 1) + (1 + 1)
+    assert metrics["tissue_patches"] == tissue and metrics["patches_qc_excluded"] == 4
+    assert metrics["pct_qc_pen"] == round(100 * 2 / tissue, 6) and metrics["pct_qc_fold"] == 0.0
+    assert metrics["pct_qc_excluded"] == round(100 * 4 / tissue, 6)
+    # a slides record from before quality control is refused, not counted as none left out
+    path = out / "parts" / "00001.slides.json"
+    path.write_text(json.dumps([{k: v for k, v in r.items() if k != "qc_excluded"} for r in json.loads(path.read_text())]))
+    with pytest.raises(PathgenError, match="shard 00001: .*00001.slides.json has no .*quality control counts"):
+        assemble_dataset(out, list(PAIRS))
 
 
 def test_dataset_needs_every_shard(built):
@@ -674,7 +692,8 @@ def write_part(out: Path, shard: str, part: pl.DataFrame, below: dict[str, int] 
     slides = sorted(set(part["slide_id"]) | set(below or {}))
     write_json([{"slide_id": s, "shard": shard, "status": "ok", "step": None, "reason": None,
                  "pairs": int((part["slide_id"] == s).sum()), "pairs_below_min_clip_score": (below or {}).get(s, 0),
-                 "min_clip_score": min_clip_score} for s in slides], out / "parts" / f"{shard}.slides.json")
+                 "min_clip_score": min_clip_score, "tissue_patches": 0, "qc_excluded": {}} for s in slides],
+               out / "parts" / f"{shard}.slides.json")
     (out / f"{shard}.tar").write_bytes(b"")
 
 
@@ -749,6 +768,9 @@ def expected_dataset_files(out: Path, shards: list[str]) -> dict[str, bytes]:
         "pairs_below_min_clip_score": sum(r["pairs_below_min_clip_score"] for r in slides),
         "complete": True, "incomplete_shards": [], "slides_in_shards": len(slides), "slides_quarantined": 0,
         "slides_without_pairs": sum(1 for r in slides if r["pairs"] == 0),
+        # write_part's records: no tissue patches counted, none left out
+        "tissue_patches": 0, "patches_qc_excluded": 0, "pct_qc_excluded": None,
+        **{f"pct_qc_{reason}": None for reason in ("background", "pen", "fold", "blur")},
     }
     bins = np.clip((micro + 1_000_000) // 20_000, 0, 99)
     clip_hist = "".join(f"{(i * 20_000 - 1_000_000) / 1e6:.2f},{int((bins == i).sum())}\n" for i in range(100))
@@ -920,7 +942,7 @@ def test_dataset_errors_name_the_culprit_and_write_nothing(tmp_path):
     slides_path = out / "parts" / "00004.slides.json"
     slides_path.write_text(json.dumps([{k: v for k, v in r.items() if k != "pairs_below_min_clip_score"}
                                        for r in json.loads(slides_path.read_text())]))
-    _assemble_fails(out, shards, r"shard 00004: .*00004\.slides\.json has no clip score filter counts")
+    _assemble_fails(out, shards, r"shard 00004: .*00004\.slides\.json has no clip score filter or quality control counts")
     write_part(out, "00004", other, min_clip_score=IRREGULAR_MIN_CLIP_SCORE)
 
     write_parquet(part.drop("summary_cut"), out / "parts" / "00002.parquet")

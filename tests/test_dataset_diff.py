@@ -84,10 +84,10 @@ def write_upstream(data: Path, shard: str, pairs: dict[str, tuple[str, int]], cl
                   data / "patches" / f"{entry.slide_id}.tar")
         write_parquet(pl.DataFrame(
             [{"x": x, "y": y, "kept": True, "level": 0, "size": 672, "reasons": "cluster", "report_score": 0.5,
-              "attribute_score": None, "cluster": 0} for _, _, x, y, _, _ in mine],
+              "attribute_score": None, "cluster": 0, "drop_reason": None} for _, _, x, y, _, _ in mine],
             schema={"x": pl.Int64, "y": pl.Int64, "kept": pl.Boolean, "level": pl.Int32, "size": pl.Int32,
                     "reasons": pl.String, "report_score": pl.Float32, "attribute_score": pl.Float32,
-                    "cluster": pl.Int32}), data / "selection" / f"{entry.slide_id}.parquet")
+                    "cluster": pl.Int32, "drop_reason": pl.String}), data / "selection" / f"{entry.slide_id}.parquet")
         write_json({"slide_id": entry.slide_id, "mpp": 0.25}, data / "tiles" / f"{entry.slide_id}.json")
         write_store(data, entry.slide_id, [(x, y) for _, _, x, y, _, _ in mine], clip)
     keys = [r[0] for r in rows]

@@ -18,11 +18,11 @@ ENGINE_FILES = {"models/engine.py", "models/fingerprint.py", "models/transformer
 STEP_FILES = {
     "tile": {"steps/tile.py", "store/io.py", "store/status.py", "wsi/slide.py", "wsi/tissue.py"},
     "embed": {"steps/embed.py", "models/clip.py", "models/device.py", "models/fingerprint.py",
-              "store/embeddings.py", "store/io.py", "wsi/slide.py"},
+              "store/embeddings.py", "store/io.py", "wsi/quality.py", "wsi/slide.py"},
     "prompts": {"steps/prompts.py", *ENGINE_FILES, "resources/attributes.yaml", "text/attributes.py",
                 "text/sentences.py"},
     "select": {"steps/select.py", "models/clip.py", "models/device.py", "models/fingerprint.py",
-               "store/embeddings.py", "store/io.py", "store/seeds.py", "store/status.py"},
+               "store/embeddings.py", "store/io.py", "store/seeds.py", "store/status.py", "wsi/quality.py"},
     "patches": {"steps/patches.py", "store/io.py", "store/patch_tars.py", "store/shards.py", "wsi/slide.py"},
     "caption": {"steps/caption.py", *ENGINE_FILES, "store/patch_tars.py", "store/shards.py"},
     "revise": {"steps/revise.py", *ENGINE_FILES, "store/patch_tars.py", "store/shards.py", "text/sentences.py"},
@@ -31,7 +31,7 @@ STEP_FILES = {
     "assemble": {"steps/assemble.py", "interop/pathgen_json.py", "models/clip.py", "models/device.py",
                  "models/fingerprint.py", "store/dataset.py", "store/embeddings.py", "store/io.py",
                  "store/manifest.py", "store/patch_tars.py", "store/shards.py", "store/status.py",
-                 "store/tables.py"},
+                 "store/tables.py", "wsi/quality.py"},
     "report": {"reporting/pages.py", "reporting/html.py", "store/dataset.py", "store/io.py", "store/seeds.py",
                "store/tables.py", "text/tokens.py"},
 }

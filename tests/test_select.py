@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import BIN, ROOT
+from conftest import BIN, ROOT, forbid_clip_loading
 from pathgen.demo.tiny_models import TINY_CLIP_CONFIG, TINY_CLIP_NAME
 from pathgen.errors import PathgenError
 from pathgen.models import fingerprint as fingerprint_module
@@ -446,15 +446,7 @@ def test_a_select_whose_prompts_are_cached_loads_no_clip_and_selects_the_same_by
     assert (cache / ".checkpoint-hashes").is_dir() and (cache / TEXT_CACHE_AGENT).is_dir()
 
     # The second job: no CLIP may be built, and the checkpoint hash comes from the hash store.
-    def no_clip(*args, **kwargs):
-        raise AssertionError("the CLIP was loaded")
-
-    def no_hashing(*args, **kwargs):
-        raise AssertionError("the checkpoint was hashed again")
-
-    monkeypatch.setattr("pathgen.models.clip.load_clip", no_clip)
-    monkeypatch.setattr(fingerprint_module, "_known", {})
-    monkeypatch.setattr(fingerprint_module, "sha256_file", no_hashing)
+    forbid_clip_loading(monkeypatch)
     second_info, second = run("second", cache)
     assert second_info["clip_loaded"] is False
     assert (second_info["cache"]["hits"], second_info["cache"]["misses"], second_info["cache"]["puts"]) == (4, 0, 0)

@@ -20,7 +20,7 @@ import torch
 
 from pathgen.errors import ModelError
 from pathgen.models.device import resolve_device
-from pathgen.models.fingerprint import file_sha256
+from pathgen.models.fingerprint import file_sha256, hash_store
 from pathgen.store.cache import ItemCache
 
 TEXT_CACHE_AGENT = "clip-text"  # item cache agent of text features: fingerprint = the CLIP's, payload = the text
@@ -200,3 +200,20 @@ def cached_text_features(clip: LazyClip, fingerprint: str, texts: list[str],
             if cache is not None:
                 cache.put(texts[i], _vector_value(rows[i]))
     return np.stack(rows).astype(np.float32, copy=False)
+
+
+def cached_clip_texts(clip_cfg: dict[str, Any], fingerprint: str, texts: list[str], cache_dir: str | Path | None,
+                      flush_every: int = 32, info: dict[str, Any] | None = None) -> np.ndarray:
+    """CLIP text features of `texts` (float32 rows), through the item cache under `cache_dir` (None: not
+    cached); the CLIP (on CPU: the text tower is cheap and CPU rows are reproducible) is loaded only
+    for texts the cache lacks. `info` receives the cache counters and whether the CLIP was loaded."""
+    clip = LazyClip(clip_cfg, "cpu", hash_store(cache_dir) if cache_dir is not None else None)
+    cache = ItemCache(cache_dir, TEXT_CACHE_AGENT, fingerprint, flush_every) if cache_dir is not None else None
+    try:
+        features = cached_text_features(clip, fingerprint, texts, cache)
+    finally:
+        if cache is not None:
+            cache.close()
+    if info is not None:
+        info.update(cache=cache.stats.as_dict() if cache is not None else None, clip_loaded=clip.loaded)
+    return features

@@ -71,6 +71,7 @@ from pathgen.store.patch_tars import member_name
 from pathgen.store.shards import pair_key
 from pathgen.store.status import QUARANTINED, read_status
 from pathgen.store.tables import require_columns, require_unique
+from pathgen.wsi.quality import QC_PREFIX, REASONS
 
 PART_SCHEMA = {
     "shard": pl.String,
@@ -295,9 +296,8 @@ def clip_scores(shard: str, rows: list[dict[str, Any]], data_dir: Path, clip_cfg
     CLIP was loaded, and the number of distinct summaries.
     """
     # Imported here: open_clip and torch (~700 MB resident) are for the shard job, not for assemble_dataset.
-    from pathgen.models.clip import TEXT_CACHE_AGENT, LazyClip, cached_text_features, clip_fingerprint
+    from pathgen.models.clip import cached_clip_texts, clip_fingerprint
     from pathgen.models.fingerprint import hash_store
-    from pathgen.store.cache import ItemCache
     from pathgen.store.embeddings import read_embeddings
 
     info = {} if info is None else info
@@ -332,15 +332,8 @@ def clip_scores(shard: str, rows: list[dict[str, Any]], data_dir: Path, clip_cfg
             image[i] = features[r].copy()
         del features, coords
     texts = sorted({row["summary"] for row in rows})
-    clip = LazyClip(clip_cfg, "cpu", store)  # CPU: the text tower is cheap and CPU rows are reproducible
-    cache = ItemCache(cache_dir, TEXT_CACHE_AGENT, fingerprint, flush_every) if cache_dir is not None else None
-    try:
-        text_features = cached_text_features(clip, fingerprint, texts, cache)
-    finally:
-        if cache is not None:
-            cache.close()
-    info.update(cache=cache.stats.as_dict() if cache is not None else None, clip_loaded=clip.loaded,
-                texts=len(texts))
+    text_features = cached_clip_texts(clip_cfg, fingerprint, texts, cache_dir, flush_every, info)
+    info["texts"] = len(texts)
     img = np.stack(image).astype(np.float64)
     if img.shape[1] != text_features.shape[1]:
         slide_id = rows[0]["slide_id"]
@@ -415,17 +408,39 @@ def assemble_shard(shard: str, slides: list[SlideEntry], data_dir: str | Path, o
 def shard_slide_records(shard: str, slides: list[SlideEntry], data_dir: Path, part: pl.DataFrame,
                         below: dict[str, int] | None = None, min_clip_score: float | None = None) -> list[dict]:
     """Each slide of the shard with its pair count, its select job's status (ok when it has none), the pairs
-    left out below `min_clip_score` (`below`: slide -> count) and that threshold."""
+    left out below `min_clip_score` (`below`: slide -> count) and that threshold, its tissue patches and
+    how many of them quality control left out, by reason (its selection's `qc:<reason>` rows)."""
     pairs = dict(part.group_by("slide_id").agg(pl.len()).iter_rows()) if part.height else {}
     out = []
     for entry in slides:
         path = data_dir / "patches" / f"{entry.slide_id}.status.json"
         rec = read_status(path) if path.is_file() else {"status": "ok", "step": None, "reason": None}
+        info = json.loads((data_dir / "tiles" / f"{entry.slide_id}.json").read_text(encoding="utf-8"))
+        reasons = pl.read_parquet(data_dir / "selection" / f"{entry.slide_id}.parquet", columns=["drop_reason"])
+        qc = reasons.filter(pl.col("drop_reason").str.starts_with(QC_PREFIX))["drop_reason"].to_list()
         out.append({"slide_id": entry.slide_id, "shard": shard, "status": rec["status"], "step": rec["step"],
                     "reason": rec["reason"], "pairs": int(pairs.get(entry.slide_id, 0)),
                     "pairs_below_min_clip_score": int((below or {}).get(entry.slide_id, 0)),
-                    "min_clip_score": min_clip_score})
+                    "min_clip_score": min_clip_score, "tissue_patches": int(info.get("patches", 0)),
+                    "qc_excluded": {r[len(QC_PREFIX):]: qc.count(r) for r in sorted(set(qc))}})
     return out
+
+
+def qc_metrics(slide_records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tissue patches of the dataset's slides, and the share of them quality control left out, per reason
+    (percent of tissue patches) and in all."""
+    tissue = sum(int(r.get("tissue_patches", 0)) for r in slide_records)
+    excluded = {reason: sum(int(r["qc_excluded"].get(reason, 0)) for r in slide_records) for reason in REASONS}
+    unknown = sorted({k for r in slide_records for k in r["qc_excluded"]} - set(REASONS))
+    if unknown:
+        raise PathgenError(f"quality control reason '{unknown[0]}' in a shard's slides.json is not one of "
+                           f"{', '.join(REASONS)}")
+
+    def pct(n: int) -> float | None:
+        return round(100.0 * n / tissue, 6) if tissue else None
+
+    return {"tissue_patches": tissue, "patches_qc_excluded": sum(excluded.values()),
+            "pct_qc_excluded": pct(sum(excluded.values())), **{f"pct_qc_{k}": pct(v) for k, v in excluded.items()}}
 
 
 # A word of a text is what str.split() separates: a run of characters that are not whitespace as Python's
@@ -727,9 +742,9 @@ def assemble_dataset(out_dir: str | Path, shards: list[str], incomplete: dict[st
         if slides_path.is_file():
             records = json.loads(slides_path.read_text(encoding="utf-8"))
             for rec in records:
-                if not {"pairs_below_min_clip_score", "min_clip_score"} <= set(rec):
-                    raise PathgenError(f"shard {shard}: {slides_path} has no clip score filter counts "
-                                       "(assembled before clip scores); re-assemble it")
+                if not {"pairs_below_min_clip_score", "min_clip_score", "qc_excluded"} <= set(rec):
+                    raise PathgenError(f"shard {shard}: {slides_path} has no clip score filter or quality "
+                                       "control counts (assembled before them); re-assemble it")
                 thresholds.setdefault(rec["min_clip_score"], shard)
             slide_records.extend(records)
     if len(thresholds) > 1:
@@ -752,6 +767,7 @@ def assemble_dataset(out_dir: str | Path, shards: list[str], incomplete: dict[st
         "slides_without_pairs": sum(1 for r in slide_records if r["status"] != QUARANTINED and r["pairs"] == 0),
         "min_clip_score": min_clip_score,
         "pairs_below_min_clip_score": sum(int(r["pairs_below_min_clip_score"]) for r in slide_records),
+        **qc_metrics(slide_records),
     })
     failures = [[r["shard"], r["slide_id"], r["step"], r["reason"]] for r in quarantined]
     failures += [[shard, "", "shard", why] for shard, why in incomplete.items()]

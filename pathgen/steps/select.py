@@ -52,15 +52,14 @@ import torch
 from PIL import Image, ImageDraw
 
 from pathgen.errors import PathgenError
-from pathgen.models.clip import TEXT_CACHE_AGENT, LazyClip, cached_text_features, clip_fingerprint
+from pathgen.models.clip import cached_clip_texts, clip_fingerprint
 from pathgen.models.device import resolve_device
 from pathgen.models.fingerprint import hash_store
-from pathgen.store.cache import ItemCache
 from pathgen.store.embeddings import read_embeddings, read_quality
 from pathgen.store.io import write_parquet, write_png
 from pathgen.store.seeds import derive_seed, rng_for
 from pathgen.store.status import placeholder_picture
-from pathgen.wsi.quality import qc_reasons
+from pathgen.wsi.quality import QC_PREFIX, qc_reasons
 
 SELECTION_SCHEMA = {
     "slide_id": pl.String,
@@ -91,7 +90,6 @@ SELECTION_SCHEMA = {
 
 REASON_COLOURS = {"report": (220, 40, 40), "attribute": (245, 150, 20), "cluster": (40, 110, 235), "multi": (160, 40, 200)}
 DROPPED_COLOUR = (120, 120, 120)
-QC_PREFIX = "qc:"  # drop_reason of a patch that failed quality control, e.g. "qc:pen"
 QC_COLOURS = {"background": (0, 200, 200), "pen": (0, 140, 0), "fold": (0, 0, 0), "blur": (230, 0, 230)}
 KMEANS_CHUNK_BYTES = 32 << 20  # distance block (rows x k float32) per step: bounds k-means memory
 
@@ -449,23 +447,6 @@ def draw_overlay(thumbnail: Image.Image, scale: tuple[float, float], selection: 
     return image
 
 
-def prompt_features(clip_cfg: dict[str, Any], fingerprint: str, texts: list[str], cache_dir: str | Path | None,
-                    flush_every: int = 32, info: dict[str, Any] | None = None) -> np.ndarray:
-    """CLIP text features of `texts` (float32 rows), through the item cache under `cache_dir` (None: not
-    cached); the CLIP (on CPU: the text tower is cheap and CPU rows are reproducible) is loaded only
-    for texts the cache lacks. `info` receives the cache counters and whether the CLIP was loaded."""
-    clip = LazyClip(clip_cfg, "cpu", hash_store(cache_dir) if cache_dir is not None else None)
-    cache = ItemCache(cache_dir, TEXT_CACHE_AGENT, fingerprint, flush_every) if cache_dir is not None else None
-    try:
-        features = cached_text_features(clip, fingerprint, texts, cache)
-    finally:
-        if cache is not None:
-            cache.close()
-    if info is not None:
-        info.update(cache=cache.stats.as_dict() if cache is not None else None, clip_loaded=clip.loaded)
-    return features
-
-
 def run_select(slide_id: str, embeddings: str | Path, prompts: str | Path, thumbnail: str | Path,
                tile_info: dict[str, Any], params: dict[str, Any], out: str | Path, overlay_out: str | Path,
                cache_dir: str | Path | None = None, flush_every: int = 32,
@@ -473,7 +454,7 @@ def run_select(slide_id: str, embeddings: str | Path, prompts: str | Path, thumb
     """The select step: read features and prompts, write the selection parquet and overlay PNG.
 
     `params` holds the `seed`, `clip` and `select` sections of params.yaml. Prompt features come
-    through the item cache under `cache_dir` (`prompt_features`); the CLIP's fingerprint reads the
+    through the item cache under `cache_dir` (`cached_clip_texts`); the CLIP's fingerprint reads the
     checkpoint hash from the hash store there. `info` (a dict) receives counters: cache hits and
     misses, clip_loaded, k-means device and iterations.
     """
@@ -495,7 +476,7 @@ def run_select(slide_id: str, embeddings: str | Path, prompts: str | Path, thumb
     attribute = prompt_rows.filter(pl.col("kind") == "attribute")["text"].to_list()
     dim = features.shape[1]
     texts = report + attribute if len(features) else []  # no patches: nothing to retrieve, no model
-    text_features = prompt_features(params["clip"], fingerprint, texts, cache_dir, flush_every, info)
+    text_features = cached_clip_texts(params["clip"], fingerprint, texts, cache_dir, flush_every, info)
     if len(text_features) and text_features.shape[1] != dim:
         raise PathgenError(f"{embeddings}: features have {dim} dimensions but the CLIP's text features "
                            f"{text_features.shape[1]}; re-run embed")

@@ -92,6 +92,7 @@ GLASS_BLOCK_SHARE = 0.9  # a block is glass when at least this share of its pixe
 OPEN_GLASS_BLOCKS = 6  # open glass: glass blocks with only glass blocks within this many blocks (48 px, 24 um)
 
 REASONS = ("background", "pen", "fold", "blur")  # the order qc_reasons checks them in
+QC_PREFIX = "qc:"  # a selection row's drop_reason for a patch that failed a check, e.g. "qc:pen"
 MEASURES = ("background_fraction", "glass_fraction", "pen_fraction", "dark_fraction", "laplacian_variance")
 
 # Defaults for params.yaml select.qc (see the module docstring for the known-answer figures).
