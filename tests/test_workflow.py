@@ -60,7 +60,8 @@ def test_demo_builds_through_patches_to_the_dataset(built_demo):
         assert attrs["input_size"] == 336 and len(attrs["checkpoint_sha256"]) == 64
         selection = pl.read_parquet(built_demo / f"data/selection/{slide}.parquet")
         kept = selection.filter("kept")
-        assert selection["by_cluster"].sum() == min(256, grid.height)
+        passed = grid.height - selection["drop_reason"].str.starts_with("qc:").sum()  # quality control left out
+        assert selection["by_cluster"].sum() == min(256, passed)
         members = tar_members(built_demo / f"data/patches/{slide}.tar")
         assert [m[0] for m in members] == sorted(f"x{x:07d}_y{y:07d}.jpg" for x, y in kept.select("x", "y").iter_rows())
         assert all(m[1] == 0 and m[2] == 0 and m[3] == "" for m in members)
@@ -90,6 +91,16 @@ def test_demo_builds_through_patches_to_the_dataset(built_demo):
     throughput = json.loads((built_demo / "logs/throughput.json").read_text())
     assert {throughput[s]["items"] for s in ("caption", "revise", "summarize")} == {manifest.height}
     assert metrics["pairs"] == manifest.height and metrics["slides"] == 3
+    # quality control: the demo's planted ink and blur are counted against the tissue patches
+    tissue = sum(pl.read_parquet(built_demo / f"data/tiles/{s}.parquet").height for s in ids)
+    assert metrics["tissue_patches"] == tissue and metrics["pct_qc_pen"] > 0 and metrics["pct_qc_blur"] > 0
+    # the caption's CLIP score, in the manifest, each pair's json, the metrics and the plot
+    assert manifest.schema["clip_score"] == pl.Float32 and manifest["clip_score"].null_count() == 0
+    assert manifest["clip_score"].is_between(-1, 1).all()
+    assert metrics["clip_score_p05"] <= metrics["clip_score_p50"] <= metrics["clip_score_p95"]
+    assert (metrics["min_clip_score"], metrics["pairs_below_min_clip_score"]) == (None, 0)
+    histogram = pl.read_csv(built_demo / "data/dataset/plots/clip_scores.csv")
+    assert histogram.height == 100 and histogram["pairs"].sum() == manifest.height
     samples = list(wds.WebDataset(str(built_demo / "data/dataset/00000.tar"), shardshuffle=False))
     assert len(samples) == sizes["00000.tar"]
     first = samples[0]
@@ -97,6 +108,7 @@ def test_demo_builds_through_patches_to_the_dataset(built_demo):
     assert first["txt"].decode() == row["summary"]
     assert Image.open(io.BytesIO(first["jpg"])).size == (672, 672)
     assert json.loads(first["json"])["description"] == row["description"]
+    assert np.float32(json.loads(first["json"])["clip_score"]) == np.float32(row["clip_score"])
 
 
 def test_demo_quality_control_leaves_out_the_planted_ink_and_blur(built_demo):
@@ -167,6 +179,32 @@ def test_changing_a_select_param_reruns_only_select_and_what_follows(built_demo,
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert planned_jobs(root) == {"select": 3, "caption": 2, "revise": 2, "summarize": 2,
                                   "assemble_shard": 2, "assemble": 1, "report_pages": 1, "all": 1}
+    # a quality-control threshold is a select param too: embed (which measured the patches) does not rerun
+    params["select"]["similarity_threshold"] = 0.88
+    params["select"]["qc"]["max_pen_fraction"] = 0.5
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert planned_jobs(root) == {"select": 3, "caption": 2, "revise": 2, "summarize": 2,
+                                  "assemble_shard": 2, "assemble": 1, "report_pages": 1, "all": 1}
+
+
+def test_min_clip_score_reassembles_only_and_counts_the_pairs_it_leaves_out(built_demo, project_copy):
+    root = project_copy(built_demo)
+    before = json.loads((root / "data/dataset/metrics.json").read_text())
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["assemble"]["min_clip_score"] = before["clip_score_p50"]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert planned_jobs(root) == {"assemble_shard": 2, "assemble": 1, "report_pages": 1, "all": 1}
+    snakemake(root)
+    after = json.loads((root / "data/dataset/metrics.json").read_text())
+    assert after["min_clip_score"] == before["clip_score_p50"]
+    assert after["pairs"] + after["pairs_below_min_clip_score"] == before["pairs"]
+    assert 0 < after["pairs_below_min_clip_score"] < before["pairs"]
+    manifest = pl.read_parquet(root / "data/dataset/manifest.parquet")
+    assert (manifest["clip_score"] >= before["clip_score_p50"] - 1e-6).all()  # float32 of a 6-decimal score
+    assert sum(json.loads((root / "data/dataset/sizes.json").read_text()).values()) == after["pairs"]
+    # re-assembling found every caption's text features in the cache: no CLIP was loaded
+    for stats in (root / "logs/assemble").glob("*.stats.json"):
+        assert json.loads(stats.read_text())["clip_loaded"] is False, stats
 
 
 def test_malformed_params_fail_before_any_job(demo_inputs, project_copy):
