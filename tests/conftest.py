@@ -144,3 +144,24 @@ def forbid_clip_loading(monkeypatch) -> None:
     monkeypatch.setattr("pathgen.models.clip.load_clip", no_clip)
     monkeypatch.setattr(fingerprint, "_known", {})
     monkeypatch.setattr(fingerprint, "sha256_file", no_hashing)
+
+
+@pytest.fixture(scope="session")
+def random_tiny_clip(tmp_path_factory) -> dict:
+    """params.yaml's `clip` section for the tiny CLIP's architecture with plain random weights (what
+    `pathgen models tiny` adds, an image calibration of ~40 s on 2 cores, only shapes image features;
+    for steps that encode texts)."""
+    import open_clip
+    import torch
+
+    from pathgen.demo.tiny_models import TINY_CLIP_CONFIG, TINY_CLIP_NAME
+
+    out = tmp_path_factory.mktemp("random-tiny-clip")
+    config = out / f"{TINY_CLIP_NAME}.json"
+    config.write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    checkpoint = out / "open_clip_model.pt"
+    torch.save(open_clip.create_model(TINY_CLIP_NAME, pretrained=None, force_quick_gelu=True).state_dict(), checkpoint)
+    return {"model": TINY_CLIP_NAME, "checkpoint": str(checkpoint), "config": str(config),
+            "force_quick_gelu": True, "input_size": 336}

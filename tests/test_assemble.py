@@ -24,7 +24,7 @@ from conftest import forbid_clip_loading, train_open_clip
 from PIL import Image
 
 from pathgen.demo.slides import rectangle_label_map, write_synthetic_slide
-from pathgen.demo.tiny_models import TINY_CLIP_CONFIG, TINY_CLIP_NAME
+from pathgen.demo.tiny_models import TINY_CLIP_CONFIG
 from pathgen.errors import PathgenError
 from pathgen.interop.importer import import_pathgen_json
 from pathgen.interop.pathgen_json import read_pathgen_json, write_pathgen_json
@@ -42,24 +42,6 @@ from pathgen.wsi.slide import Slide
 
 PATCH = 672
 EXTRA_TILE = (98 * PATCH, 98 * PATCH)  # a grid row of every fixture store that no pair uses
-
-
-@pytest.fixture(scope="session")
-def assemble_clip(tmp_path_factory) -> dict:
-    """params.yaml's `clip` section for the tiny CLIP's architecture with plain random weights (its image
-    calibration only shapes image features; assemble encodes texts)."""
-    import open_clip
-    import torch
-
-    out = tmp_path_factory.mktemp("assemble-clip")
-    config = out / f"{TINY_CLIP_NAME}.json"
-    config.write_text(json.dumps(TINY_CLIP_CONFIG))
-    open_clip.add_model_config(config)
-    torch.manual_seed(0)
-    checkpoint = out / "open_clip_model.pt"
-    torch.save(open_clip.create_model(TINY_CLIP_NAME, pretrained=None, force_quick_gelu=True).state_dict(), checkpoint)
-    return {"model": TINY_CLIP_NAME, "checkpoint": str(checkpoint), "config": str(config),
-            "force_quick_gelu": True, "input_size": 336}
 
 
 def assemble_params(clip: dict, min_clip_score: float | None = None) -> dict:
@@ -188,12 +170,12 @@ PAIRS = {
 
 
 @pytest.fixture
-def built(tmp_path, assemble_clip) -> tuple[Path, Path]:
+def built(tmp_path, random_tiny_clip) -> tuple[Path, Path]:
     """(data dir, out dir) with both fixture shards assembled."""
     data, out = tmp_path / "data", tmp_path / "out"
     for shard, pairs in PAIRS.items():
-        write_inputs(data, shard, pairs, assemble_clip)
-        assemble_shard(shard, SLIDES[shard], data, out, assemble_params(assemble_clip))
+        write_inputs(data, shard, pairs, random_tiny_clip)
+        assemble_shard(shard, SLIDES[shard], data, out, assemble_params(random_tiny_clip))
     return data, out
 
 
@@ -254,10 +236,10 @@ def test_part_rows_match_the_shard(built):
             assert row[field] == meta[field], field
 
 
-def test_assemble_shard_is_byte_identical_on_rerun(built, tmp_path, assemble_clip):
+def test_assemble_shard_is_byte_identical_on_rerun(built, tmp_path, random_tiny_clip):
     data, out = built
     again = tmp_path / "again"
-    returned = assemble_shard("00000", SLIDES["00000"], data, again, assemble_params(assemble_clip))
+    returned = assemble_shard("00000", SLIDES["00000"], data, again, assemble_params(random_tiny_clip))
     assert (again / "00000.tar").read_bytes() == (out / "00000.tar").read_bytes()
     assert (again / "parts" / "00000.parquet").read_bytes() == (out / "parts" / "00000.parquet").read_bytes()
     assert returned.equals(pl.read_parquet(out / "parts" / "00000.parquet"))
@@ -293,24 +275,24 @@ def _drop_embedding_row(data: Path) -> str:
 @pytest.mark.parametrize("break_input", [_drop_member, _drop_row("revised"), _drop_row("summaries"),
                                          _drop_row("captions"), _drop_embedding_row],
                          ids=["tar", "revised", "summaries", "captions", "embeddings"])
-def test_missing_input_names_shard_slide_and_key(tmp_path, break_input, assemble_clip):
+def test_missing_input_names_shard_slide_and_key(tmp_path, break_input, random_tiny_clip):
     data = tmp_path / "data"
-    write_inputs(data, "00000", PAIRS["00000"], assemble_clip)
+    write_inputs(data, "00000", PAIRS["00000"], random_tiny_clip)
     key = break_input(data)
     with pytest.raises(PathgenError, match=re.escape(key)) as err:
-        assemble_shard("00000", SLIDES["00000"], data, tmp_path / "out", assemble_params(assemble_clip))
+        assemble_shard("00000", SLIDES["00000"], data, tmp_path / "out", assemble_params(random_tiny_clip))
     assert "shard 00000" in str(err.value) and "slide 'A'" in str(err.value) and "\n" not in str(err.value)
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]  # nothing written, no temporaries
 
 
 @pytest.mark.parametrize("name", ["selection/A.parquet", "embeddings/A.zarr"])
-def test_missing_selection_or_embeddings_file_is_named(tmp_path, assemble_clip, name):
+def test_missing_selection_or_embeddings_file_is_named(tmp_path, random_tiny_clip, name):
     data = tmp_path / "data"
-    write_inputs(data, "00000", PAIRS["00000"], assemble_clip)
+    write_inputs(data, "00000", PAIRS["00000"], random_tiny_clip)
     path = data / name
     shutil.rmtree(path) if path.is_dir() else path.unlink()
     with pytest.raises(PathgenError, match=rf"shard 00000, slide 'A'.*{re.escape(name)} not found"):
-        assemble_shard("00000", SLIDES["00000"], data, tmp_path / "out", assemble_params(assemble_clip))
+        assemble_shard("00000", SLIDES["00000"], data, tmp_path / "out", assemble_params(random_tiny_clip))
 
 
 # --- clip_score: the retrieval CLIP's cosine of patch and caption ----------------------------------------------------
@@ -335,10 +317,10 @@ def independent_scores(data: Path, clip: dict, pairs: list[dict]) -> dict[str, f
     return out
 
 
-def test_clip_score_is_the_cosine_of_stored_feature_and_caption_in_json_part_and_manifest(built, assemble_clip):
+def test_clip_score_is_the_cosine_of_stored_feature_and_caption_in_json_part_and_manifest(built, random_tiny_clip):
     data, out = built
     pairs = [p for shard in PAIRS.values() for p in shard]
-    expected = independent_scores(data, assemble_clip, pairs)
+    expected = independent_scores(data, random_tiny_clip, pairs)
     assert len(set(expected.values())) == len(pairs) and max(abs(v) for v in expected.values()) > 0.05
     assemble_dataset(out, list(PAIRS))
     manifest = {r["key"]: r["clip_score"] for r in pl.read_parquet(out / "manifest.parquet").iter_rows(named=True)}
@@ -368,7 +350,7 @@ def test_metrics_and_plot_of_the_clip_scores(built):
         for s in scores}
 
 
-def test_min_clip_score_leaves_out_exactly_the_pairs_below_it(built, tmp_path, assemble_clip):
+def test_min_clip_score_leaves_out_exactly_the_pairs_below_it(built, tmp_path, random_tiny_clip):
     data, out = built
     scores = {r["key"]: r["clip_score"] for s in PAIRS for r in
               pl.read_parquet(out / "parts" / f"{s}.parquet").iter_rows(named=True)}
@@ -379,7 +361,7 @@ def test_min_clip_score_leaves_out_exactly_the_pairs_below_it(built, tmp_path, a
     filtered = tmp_path / "filtered"
     for shard in PAIRS:
         info = {}
-        part = assemble_shard(shard, SLIDES[shard], data, filtered, assemble_params(assemble_clip, threshold), info=info)
+        part = assemble_shard(shard, SLIDES[shard], data, filtered, assemble_params(random_tiny_clip, threshold), info=info)
         kept = sorted(p["key"] for p in PAIRS[shard] if p["key"] not in below)
         assert part["key"].to_list() == kept
         assert sorted({m.rsplit(".", 1)[0] for m in members(filtered / f"{shard}.tar")}) == kept
@@ -400,25 +382,25 @@ def test_min_clip_score_leaves_out_exactly_the_pairs_below_it(built, tmp_path, a
             assert all(s[ext] == unfiltered[s["__key__"]][ext] for ext in ("jpg", "json", "txt"))
 
 
-def test_a_store_embedded_by_another_clip_is_an_error_naming_it(tmp_path, assemble_clip):
+def test_a_store_embedded_by_another_clip_is_an_error_naming_it(tmp_path, random_tiny_clip):
     data = tmp_path / "data"
-    write_inputs(data, "00000", PAIRS["00000"], assemble_clip)
-    write_store(data, DOTTED, [(0, 672)], assemble_clip, fingerprint="0" * 64)
+    write_inputs(data, "00000", PAIRS["00000"], random_tiny_clip)
+    write_store(data, DOTTED, [(0, 672)], random_tiny_clip, fingerprint="0" * 64)
     with pytest.raises(PathgenError, match=rf"shard 00000, slide '{re.escape(DOTTED)}': .*{re.escape(DOTTED)}\.zarr "
                                            r"was embedded with a different CLIP \(fingerprint 000000000000\)") as err:
-        assemble_shard("00000", SLIDES["00000"], data, tmp_path / "out", assemble_params(assemble_clip))
-    assert "\n" not in str(err.value) and assemble_clip["checkpoint"] in str(err.value)
+        assemble_shard("00000", SLIDES["00000"], data, tmp_path / "out", assemble_params(random_tiny_clip))
+    assert "\n" not in str(err.value) and random_tiny_clip["checkpoint"] in str(err.value)
     assert not (tmp_path / "out").exists()
 
 
-def test_a_second_assemble_of_the_shard_is_served_from_the_text_cache(built, tmp_path, assemble_clip, monkeypatch):
+def test_a_second_assemble_of_the_shard_is_served_from_the_text_cache(built, tmp_path, random_tiny_clip, monkeypatch):
     data, out = built
     cache = tmp_path / "cache"
     texts = len({p["summary"] for p in PAIRS["00000"]})
 
     def run(name):
         info = {}
-        assemble_shard("00000", SLIDES["00000"], data, tmp_path / name, assemble_params(assemble_clip),
+        assemble_shard("00000", SLIDES["00000"], data, tmp_path / name, assemble_params(random_tiny_clip),
                        cache_dir=cache, info=info)
         return info, {f: (tmp_path / name / f).read_bytes() for f in ("00000.tar", "parts/00000.parquet")}
 
@@ -435,7 +417,7 @@ def test_a_second_assemble_of_the_shard_is_served_from_the_text_cache(built, tmp
     assert second == first == uncached  # cached text features are the computed ones, byte for byte
 
 
-def test_the_assemble_shard_command_takes_the_rule_arguments_and_writes_stats(built, tmp_path, assemble_clip,
+def test_the_assemble_shard_command_takes_the_rule_arguments_and_writes_stats(built, tmp_path, random_tiny_clip,
                                                                             capsys):
     from pathgen.cli import main
 
@@ -444,7 +426,7 @@ def test_the_assemble_shard_command_takes_the_rule_arguments_and_writes_stats(bu
     stats = tmp_path / "stats.json"
     slides = json.dumps([vars(e) for e in SLIDES["00000"]])
     argv = ["assemble-shard", "--shard", "00000", "--slides-json", slides, "--data-dir", str(data),
-            "--out-dir", str(tmp_path / "cli"), "--params-json", json.dumps(assemble_params(assemble_clip, 2 / 3 - 1)),
+            "--out-dir", str(tmp_path / "cli"), "--params-json", json.dumps(assemble_params(random_tiny_clip, 2 / 3 - 1)),
             "--cache-dir", str(cache), "--flush-every", "2", "--stats", str(stats)]
     assert main(argv) == 0
     first = json.loads(stats.read_text())
@@ -454,7 +436,7 @@ def test_the_assemble_shard_command_takes_the_rule_arguments_and_writes_stats(bu
     again = json.loads(stats.read_text())
     assert (again["clip_loaded"], again["cache"]["hits"], again["pairs"]) == (False, 3, first["pairs"])
     capsys.readouterr()
-    assert main([*argv, "--params-json", json.dumps(assemble_params(assemble_clip, 1.5))]) == 2
+    assert main([*argv, "--params-json", json.dumps(assemble_params(random_tiny_clip, 1.5))]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "pathgen assemble-shard: error: --params-json: key 'assemble.min_clip_score': 1.5 is greater than the maximum of 1"]
 
@@ -505,12 +487,12 @@ def test_dataset_files(built):
     assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == snapshot
 
 
-def test_metrics_give_the_share_of_tissue_patches_quality_control_left_out(tmp_path, assemble_clip):
+def test_metrics_give_the_share_of_tissue_patches_quality_control_left_out(tmp_path, random_tiny_clip):
     data, out = tmp_path / "data", tmp_path / "out"
     qc = {"A": ["pen", "pen", "blur"], DOTTED: ["background"]}
     for shard, pairs in PAIRS.items():
-        write_inputs(data, shard, pairs, assemble_clip, qc=qc)
-        assemble_shard(shard, SLIDES[shard], data, out, assemble_params(assemble_clip))
+        write_inputs(data, shard, pairs, random_tiny_clip, qc=qc)
+        assemble_shard(shard, SLIDES[shard], data, out, assemble_params(random_tiny_clip))
     records = {r["slide_id"]: r for r in json.loads((out / "parts" / "00000.slides.json").read_text())}
     assert records["A"]["qc_excluded"] == {"blur": 1, "pen": 2} and records[DOTTED]["qc_excluded"] == {"background": 1}
     assert records["A"]["tissue_patches"] == 2 + 1 + 3  # kept, dropped candidate, left out
@@ -542,7 +524,7 @@ def real_slide(tmp_path_factory) -> Path:
     return path
 
 
-def test_export_import_round_trip(tmp_path, real_slide, assemble_clip):
+def test_export_import_round_trip(tmp_path, real_slide, random_tiny_clip):
     positions = {"S1": [(672, 672), (2016, 1344), (1344, 672)], "S2": [(0, 0), (3360, 2016)], "GONE": [(672, 0)]}
     pairs = []
     with Slide(real_slide, "slide") as slide:
@@ -552,9 +534,9 @@ def test_export_import_round_trip(tmp_path, real_slide, assemble_clip):
                 pairs.append(pair(slide_id, x, y, tokens=5 + i, description="d", status="applied", cut=False,
                                   summary=f"{slide_id} caption {i}: glands, ±atypia.", image=image))
     data, out = tmp_path / "data", tmp_path / "out"
-    write_inputs(data, "00000", pairs, assemble_clip)
+    write_inputs(data, "00000", pairs, random_tiny_clip)
     slides = [TcgaEntry(s, "x.svs", "colon", file_id=f"file-{s}") for s in positions]
-    assemble_shard("00000", slides, data, out, assemble_params(assemble_clip))
+    assemble_shard("00000", slides, data, out, assemble_params(random_tiny_clip))
     assemble_dataset(out, ["00000"])
     export = out / EXPORT_NAME
 
@@ -641,7 +623,7 @@ def test_read_pathgen_json_rejects_a_file_not_in_the_format(tmp_path, text, mess
 
 # --- open_clip's trainer on an assembled shard --------------------------------------------------------------------
 
-def test_open_clip_trains_on_an_assembled_shard(tmp_path, assemble_clip):
+def test_open_clip_trains_on_an_assembled_shard(tmp_path, random_tiny_clip):
     """`python -m open_clip_train.main`, unchanged, trains the tiny CLIP one epoch on assemble's output (CPU, offline)."""
     from pathgen.demo.tiny_models import build_tiny_clip
 
@@ -656,9 +638,9 @@ def test_open_clip_trains_on_an_assembled_shard(tmp_path, assemble_clip):
         pairs.append(pair(slide_id, x, y, tokens=12, description=text, status="unchanged", cut=False,
                           summary=text, image=image))
     data, shards = tmp_path / "data", tmp_path / "shards"
-    write_inputs(data, "00000", pairs, assemble_clip)
+    write_inputs(data, "00000", pairs, random_tiny_clip)
     assemble_shard("00000", [SlideEntry("S0", "a.svs", "colon"), SlideEntry("S1", "b.svs", "colon")], data, shards,
-                   assemble_params(assemble_clip))
+                   assemble_params(random_tiny_clip))
     assemble_dataset(shards, ["00000"])
 
     log = train_open_clip(tmp_path, str(shards / "00000.tar"), 64, build_tiny_clip(tmp_path / "models"))

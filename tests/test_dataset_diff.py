@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 import yaml
 from PIL import Image
-from test_assemble import assemble_clip, assemble_params, write_store  # noqa: F401 (a fixture)
+from test_assemble import assemble_params, write_store
 
 from pathgen.cli import build_parser
 from pathgen.errors import PathgenError
@@ -138,7 +138,7 @@ def commit(repo: Path, message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, assemble_clip) -> Path:
+def repo(tmp_path_factory, random_tiny_clip) -> Path:
     """HEAD~2: no dataset; HEAD~1: V1; HEAD: V2; workspace: V3, built but not added (do not modify)."""
     root = tmp_path_factory.mktemp("diff")
     repo = root / "repo"
@@ -151,11 +151,11 @@ def repo(tmp_path_factory, assemble_clip) -> Path:
     # the DVCFileSystem of the tests reads this setting.
     sh(repo, str(BIN / "dvc"), "config", "--local", "core.site_cache_dir", str(root / "dvc-site-cache"))
     sh(repo, "git", "commit", "-q", "-m", "dvc init")
-    build(repo, root / "upstream-v1", V1, assemble_clip)
+    build(repo, root / "upstream-v1", V1, random_tiny_clip)
     commit(repo, "v1")
-    build(repo, root / "upstream-v2", V2, assemble_clip)
+    build(repo, root / "upstream-v2", V2, random_tiny_clip)
     commit(repo, "v2")
-    build(repo, root / "upstream-v3", V3, assemble_clip)
+    build(repo, root / "upstream-v3", V3, random_tiny_clip)
     return repo
 
 

@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from test_assemble import pair, write_inputs  # the synthetic upstream outputs assemble reads
+from test_assemble import assemble_params, pair, write_inputs  # the synthetic upstream outputs assemble reads
 
 from pathgen.cli import main
 from pathgen.errors import ConfigError
@@ -117,7 +117,7 @@ def test_manifest_rejects_a_bad_file_id_naming_the_row(tmp_path, cell, message):
     assert str(path) in str(info.value)
 
 
-def test_file_id_reaches_the_export(tmp_path):
+def test_file_id_reaches_the_export(tmp_path, random_tiny_clip):
     """slides.tsv -> read_manifest -> the rule's --slides-json -> `pathgen assemble-shard` -> pathgen-1.6m.json."""
     fids = {COAD_DX: file_id(COAD_DX), BRCA_DX: file_id(BRCA_DX)}
     manifest = tmp_path / "slides.tsv"
@@ -130,10 +130,10 @@ def test_file_id_reaches_the_export(tmp_path):
              pair(BRCA_DX, 672, 0, tokens=9, description="c d", status="unchanged", cut=False),
              pair("local-01", 0, 1344, tokens=9, description="e f", status="applied", cut=False)]
     data, out = tmp_path / "data", tmp_path / "dataset"
-    write_inputs(data, "00000", pairs)
+    write_inputs(data, "00000", pairs, random_tiny_clip)
     slides_json = json.dumps([vars(e) for e in entries], sort_keys=True)  # rules/common.smk shard_entries_json
     assert main(["assemble-shard", "--shard", "00000", "--slides-json", slides_json, "--data-dir", str(data),
-                 "--out-dir", str(out)]) == 0
+                 "--out-dir", str(out), "--params-json", json.dumps(assemble_params(random_tiny_clip))]) == 0
     assemble_dataset(out, ["00000"])
     export = json.loads((out / EXPORT_NAME).read_text())
     assert {r["wsi_id"]: r["file_id"] for r in export} == {**fids, "local-01": None}

@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import yaml
 from conftest import ROOT
-from test_assemble import PAIRS, SLIDES, assemble_clip, assemble_params, write_inputs  # noqa: F401 (a fixture)
+from test_assemble import PAIRS, SLIDES, assemble_params, write_inputs
 
 from pathgen.cli import main
 from pathgen.config import step_params_json
@@ -75,14 +75,14 @@ def test_a_quarantine_is_passed_on_without_touching_the_slide(tmp_path, params):
     assert json.loads(status.read_text())["step"] == "tile"  # where it happened, not where it was passed on
 
 
-def test_assemble_names_quarantined_slides_and_incomplete_shards(tmp_path, assemble_clip):
+def test_assemble_names_quarantined_slides_and_incomplete_shards(tmp_path, random_tiny_clip):
     data, out = tmp_path / "data", tmp_path / "out"
     for shard, pairs in PAIRS.items():
-        write_inputs(data, shard, pairs, assemble_clip)
+        write_inputs(data, shard, pairs, random_tiny_clip)
     reason = "slide 'A.DX1.ab12' (slides/x.svs): cannot read region at (0, 0) level 0: Premature end of JPEG file"
     write_status(record("A.DX1.ab12", "embed", reason), data / "patches" / "A.DX1.ab12.status.json")
     write_status(record("A", "patches"), data / "patches" / "A.status.json")
-    assemble_shard("00000", SLIDES["00000"], data, out, assemble_params(assemble_clip))
+    assemble_shard("00000", SLIDES["00000"], data, out, assemble_params(random_tiny_clip))
     metrics = assemble_dataset(out, ["00000", "00001"], {"00001": "its caption job did not complete"})
     assert (metrics["complete"], metrics["incomplete_shards"], metrics["slides_quarantined"]) == (False, ["00001"], 1)
     assert (out / "failures.tsv").read_text() == (

@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from conftest import BIN, ROOT, forbid_clip_loading
-from pathgen.demo.tiny_models import TINY_CLIP_CONFIG, TINY_CLIP_NAME
 from pathgen.errors import PathgenError
 from pathgen.models import fingerprint as fingerprint_module
 from pathgen.models.clip import TEXT_CACHE_AGENT, LazyClip, cached_text_features, clip_fingerprint, encode_texts
@@ -353,23 +352,6 @@ def test_cluster_sample_of_a_100k_patch_slide_takes_one_patch_from_each_of_256_c
 # --- prompt text features through the item cache ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """The tiny CLIP's architecture with plain random weights (build_tiny_clip's image calibration takes
-    ~40 s on 2 cores and only shapes image features; select encodes texts)."""
-    import open_clip
-
-    out = tmp_path_factory.mktemp("tiny-clip")
-    config = out / f"{TINY_CLIP_NAME}.json"
-    config.write_text(json.dumps(TINY_CLIP_CONFIG))
-    open_clip.add_model_config(config)
-    torch.manual_seed(0)
-    checkpoint = out / "open_clip_model.pt"
-    torch.save(open_clip.create_model(TINY_CLIP_NAME, pretrained=None, force_quick_gelu=True).state_dict(), checkpoint)
-    return {"model": TINY_CLIP_NAME, "checkpoint": str(checkpoint), "config": str(out / f"{TINY_CLIP_NAME}.json"),
-            "force_quick_gelu": True, "input_size": 336}
-
-
 def clean_quality(n: int) -> dict[str, np.ndarray]:
     """Quality measures of n patches that pass every check."""
     values = {"background_fraction": 0.0, "glass_fraction": 0.1, "pen_fraction": 0.0, "dark_fraction": 0.0,
@@ -405,31 +387,31 @@ def select_params(clip_cfg: dict) -> dict:
     return {"seed": 0, "clip": clip_cfg, "select": PARAMS}
 
 
-def test_cached_text_features_are_the_computed_bytes_and_need_no_model(tiny_clip, tmp_path):
+def test_cached_text_features_are_the_computed_bytes_and_need_no_model(random_tiny_clip, tmp_path):
     texts = ["Tumour cells in sheets.", "Necrosis.", "Tumour cells in sheets."]
-    fingerprint = clip_fingerprint(tiny_clip)[0]
+    fingerprint = clip_fingerprint(random_tiny_clip)[0]
     with ItemCache(tmp_path / "cache", TEXT_CACHE_AGENT, fingerprint) as cache:
-        first = LazyClip(tiny_clip)
+        first = LazyClip(random_tiny_clip)
         computed = cached_text_features(first, fingerprint, texts, cache)
     assert first.loaded and computed.dtype == np.float32 and computed.shape[0] == 3
     alone = encode_texts(first.get(), [texts[1]])[0]
     assert computed[1].tobytes() == alone.tobytes()
     with ItemCache(tmp_path / "cache", TEXT_CACHE_AGENT, fingerprint) as cache:
-        second = LazyClip({**tiny_clip, "checkpoint": str(tmp_path / "absent.pt")})  # loading it would fail
+        second = LazyClip({**random_tiny_clip, "checkpoint": str(tmp_path / "absent.pt")})  # loading it would fail
         cached = cached_text_features(second, fingerprint, texts, cache)
         assert cache.stats.hits == 3 and cache.stats.misses == 0
     assert not second.loaded and cached.tobytes() == computed.tobytes()
     # Another fingerprint is another key: nothing found, the model is needed.
     with ItemCache(tmp_path / "cache", TEXT_CACHE_AGENT, "f" * 64) as cache:
         with pytest.raises(Exception, match="absent.pt"):
-            cached_text_features(LazyClip({**tiny_clip, "checkpoint": str(tmp_path / "absent.pt")}), "f" * 64,
+            cached_text_features(LazyClip({**random_tiny_clip, "checkpoint": str(tmp_path / "absent.pt")}), "f" * 64,
                                  texts, cache)
 
 
-def test_a_select_whose_prompts_are_cached_loads_no_clip_and_selects_the_same_bytes(tiny_clip, tmp_path,
+def test_a_select_whose_prompts_are_cached_loads_no_clip_and_selects_the_same_bytes(random_tiny_clip, tmp_path,
                                                                                    monkeypatch):
-    inputs = slide_inputs(tmp_path, tiny_clip)
-    params = select_params(tiny_clip)
+    inputs = slide_inputs(tmp_path, random_tiny_clip)
+    params = select_params(random_tiny_clip)
     cache = tmp_path / "cache"
 
     def run(name, cache_dir):
@@ -454,22 +436,22 @@ def test_a_select_whose_prompts_are_cached_loads_no_clip_and_selects_the_same_by
     assert pl.read_parquet(tmp_path / "second.parquet")["by_report"].sum() == PARAMS["report_top_k"]
 
 
-def test_select_refuses_features_of_another_clip_in_one_line(tiny_clip, tmp_path):
-    inputs = slide_inputs(tmp_path, tiny_clip, fingerprint="0" * 64)
+def test_select_refuses_features_of_another_clip_in_one_line(random_tiny_clip, tmp_path):
+    inputs = slide_inputs(tmp_path, random_tiny_clip, fingerprint="0" * 64)
     with pytest.raises(PathgenError, match="s1.zarr: embedded with a different CLIP") as err:
         run_select("s1", inputs["embeddings"], inputs["prompts"], inputs["thumbnail"], inputs["info"],
-                   select_params(tiny_clip), tmp_path / "o.parquet", tmp_path / "o.png")
+                   select_params(random_tiny_clip), tmp_path / "o.parquet", tmp_path / "o.png")
     assert "\n" not in str(err.value)
 
 
-def test_select_applies_the_stored_quality_measures_and_crosses_failures_out_on_the_overlay(tiny_clip, tmp_path):
+def test_select_applies_the_stored_quality_measures_and_crosses_failures_out_on_the_overlay(random_tiny_clip, tmp_path):
     n = 300
     quality = clean_quality(n)
     quality["pen_fraction"][[5, 6]] = 0.2           # > max_pen_fraction 0.05
     quality["laplacian_variance"][40] = 20.0       # < min_laplacian_variance 150
     quality["background_fraction"][41] = 0.9       # > max_background_fraction 0.5
-    inputs = slide_inputs(tmp_path, tiny_clip, n=n, quality=quality)
-    params = select_params(tiny_clip)
+    inputs = slide_inputs(tmp_path, random_tiny_clip, n=n, quality=quality)
+    params = select_params(random_tiny_clip)
     sel = run_select("s1", inputs["embeddings"], inputs["prompts"], inputs["thumbnail"], inputs["info"], params,
                      tmp_path / "o.parquet", tmp_path / "o.png", cache_dir=tmp_path / "cache")
     failed = sel.filter(pl.col("drop_reason").str.starts_with("qc:")).sort("tile")
@@ -489,21 +471,21 @@ def test_select_applies_the_stored_quality_measures_and_crosses_failures_out_on_
     assert not sel["drop_reason"].fill_null("").str.starts_with("qc:").any()
 
 
-def test_select_without_quality_measures_asks_for_embed_in_one_line(tiny_clip, tmp_path):
-    inputs = slide_inputs(tmp_path, tiny_clip, with_quality=False)
+def test_select_without_quality_measures_asks_for_embed_in_one_line(random_tiny_clip, tmp_path):
+    inputs = slide_inputs(tmp_path, random_tiny_clip, with_quality=False)
     with pytest.raises(PathgenError, match="s1.zarr: no patch quality measures .*re-run embed") as err:
         run_select("s1", inputs["embeddings"], inputs["prompts"], inputs["thumbnail"], inputs["info"],
-                   select_params(tiny_clip), tmp_path / "o.parquet", tmp_path / "o.png")
+                   select_params(random_tiny_clip), tmp_path / "o.parquet", tmp_path / "o.png")
     assert "\n" not in str(err.value)
 
 
-def test_the_select_command_writes_stats_and_a_cached_rerun_builds_no_clip(tiny_clip, tmp_path):
+def test_the_select_command_writes_stats_and_a_cached_rerun_builds_no_clip(random_tiny_clip, tmp_path):
     """As the rule runs it: `pathgen select ... --cache-dir`. The rerun's stats say loaded: false, and
     to prove it the checkpoint is overwritten with garbage of the same identity (size, mtime, inode):
     building the CLIP from it would fail."""
     checkpoint = tmp_path / "clip.pt"
-    checkpoint.write_bytes(Path(tiny_clip["checkpoint"]).read_bytes())
-    clip_cfg = {**tiny_clip, "checkpoint": str(checkpoint)}
+    checkpoint.write_bytes(Path(random_tiny_clip["checkpoint"]).read_bytes())
+    clip_cfg = {**random_tiny_clip, "checkpoint": str(checkpoint)}
     inputs = slide_inputs(tmp_path, clip_cfg)
     (tmp_path / "info.json").write_text(json.dumps(inputs["info"]))
 
