@@ -349,72 +349,65 @@ def _tick_label(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-def token_histogram_svg(rows: list[tuple[int, int]]) -> str:
-    """Vertical bars, one per (tokens, count) row, heights proportional to count; the context limit dashed."""
+def _column_chart_svg(svg_id: str, aria_label: str, bars: list[tuple[str, int, str, str | None]], x_label: str,
+                      tick_at_centre: bool, overlay=None) -> str:
+    """Vertical bars, heights proportional to their counts, on a grid with a y scale. `bars`: per bar its
+    data attributes, count, hover title and x tick label (None: no tick), the tick at the bar's centre or
+    its left edge; `overlay(left, slot, top, base)` gives extra SVG lines drawn over the bars."""
     width, height = 760, 280
     left, right, top, bottom = 52, 12, 14, 40
     plot_w, plot_h = width - left - right, height - top - bottom
-    peak = nice_ceiling(max((c for _, c in rows), default=0))
-    slot = plot_w / max(len(rows), 1)
+    peak = nice_ceiling(max((c for _, c, _, _ in bars), default=0))
+    slot = plot_w / max(len(bars), 1)
     base = top + plot_h
-    out = [f'<svg id="caption-tokens" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="Caption token histogram">']
+    out = [f'<svg id="{svg_id}" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" role="img" aria-label="{aria_label}">']
     for tick in _ticks(peak):
         y = base - tick / peak * plot_h
         out.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{_num(y)}" y2="{_num(y)}"/>')
         out.append(f'<text x="{left - 6}" y="{_num(y + 4)}" text-anchor="end">{_tick_label(tick)}</text>')
-    for i, (tokens, count) in enumerate(rows):
+    for i, (data, count, title, tick) in enumerate(bars):
         h = count / peak * plot_h
         x = left + i * slot + slot * 0.1
-        out.append(f'<rect class="bar" data-tokens="{tokens}" data-count="{count}" x="{_num(x)}" '
+        out.append(f'<rect class="bar" {data} data-count="{count}" x="{_num(x)}" '
                    f'y="{_num(base - h)}" width="{_num(slot * 0.8)}" height="{_num(h)}">'
-                   f"<title>{tokens} tokens: {count} pair(s)</title></rect>")
-        if tokens % 10 == 0:
-            cx = left + (i + 0.5) * slot
-            out.append(f'<text x="{_num(cx)}" y="{base + 15}" text-anchor="middle">{tokens}</text>')
-    limit = next((i for i, (t, _) in enumerate(rows) if t == CONTEXT_LENGTH), None)
-    if limit is not None:
-        lx = left + (limit + 1) * slot
-        out.append(f'<line class="limit" x1="{_num(lx)}" x2="{_num(lx)}" y1="{top}" y2="{base}"/>')
-        out.append(f'<text class="limit-label" x="{_num(lx - 4)}" y="{top + 10}" text-anchor="end">'
-                   f"CLIP context: {CONTEXT_LENGTH} tokens</text>")
+                   f"<title>{title}</title></rect>")
+        if tick is not None:
+            tx = left + (i + 0.5) * slot if tick_at_centre else left + i * slot
+            out.append(f'<text x="{_num(tx)}" y="{base + 15}" text-anchor="middle">{tick}</text>')
+    if overlay is not None:
+        out.extend(overlay(left, slot, top, base))
     out.append(f'<line class="axis" x1="{left}" x2="{width - right}" y1="{base}" y2="{base}"/>')
-    out.append(f'<text x="{left + plot_w / 2:.2f}" y="{height - 6}" text-anchor="middle">summary tokens</text>')
+    out.append(f'<text x="{left + plot_w / 2:.2f}" y="{height - 6}" text-anchor="middle">{x_label}</text>')
     out.append(f'<text x="14" y="{top + plot_h / 2:.2f}" text-anchor="middle" '
                f'transform="rotate(-90 14 {top + plot_h / 2:.2f})">pairs</text>')
     out.append("</svg>")
     return "\n".join(out)
+
+
+def token_histogram_svg(rows: list[tuple[int, int]]) -> str:
+    """Vertical bars, one per (tokens, count) row, heights proportional to count; the context limit dashed."""
+    bars = [(f'data-tokens="{tokens}"', count, f"{tokens} tokens: {count} pair(s)",
+             str(tokens) if tokens % 10 == 0 else None) for tokens, count in rows]
+    limit = next((i for i, (t, _) in enumerate(rows) if t == CONTEXT_LENGTH), None)
+
+    def context_line(left, slot, top, base):
+        if limit is None:
+            return []
+        lx = left + (limit + 1) * slot
+        return [f'<line class="limit" x1="{_num(lx)}" x2="{_num(lx)}" y1="{top}" y2="{base}"/>',
+                f'<text class="limit-label" x="{_num(lx - 4)}" y="{top + 10}" text-anchor="end">'
+                f"CLIP context: {CONTEXT_LENGTH} tokens</text>"]
+
+    return _column_chart_svg("caption-tokens", "Caption token histogram", bars, "summary tokens", True, context_line)
 
 
 def clip_score_histogram_svg(rows: list[tuple[str, int]]) -> str:
     """Vertical bars, one per (bin start, pairs) row of plots/clip_scores.csv, heights proportional to pairs."""
-    width, height = 760, 280
-    left, right, top, bottom = 52, 12, 14, 40
-    plot_w, plot_h = width - left - right, height - top - bottom
-    peak = nice_ceiling(max((c for _, c in rows), default=0))
-    slot = plot_w / max(len(rows), 1)
-    base = top + plot_h
-    out = [f'<svg id="clip-scores" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-label="CLIP score histogram">']
-    for tick in _ticks(peak):
-        y = base - tick / peak * plot_h
-        out.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{_num(y)}" y2="{_num(y)}"/>')
-        out.append(f'<text x="{left - 6}" y="{_num(y + 4)}" text-anchor="end">{_tick_label(tick)}</text>')
-    for i, (start, count) in enumerate(rows):
-        h = count / peak * plot_h
-        x = left + i * slot + slot * 0.1
-        out.append(f'<rect class="bar" data-bin="{esc(start)}" data-count="{count}" x="{_num(x)}" '
-                   f'y="{_num(base - h)}" width="{_num(slot * 0.8)}" height="{_num(h)}">'
-                   f"<title>from {esc(start)}: {count} pair(s)</title></rect>")
-        if i % 10 == 0:
-            out.append(f'<text x="{_num(left + i * slot)}" y="{base + 15}" text-anchor="middle">{esc(start)}</text>')
-    out.append(f'<line class="axis" x1="{left}" x2="{width - right}" y1="{base}" y2="{base}"/>')
-    out.append(f'<text x="{left + plot_w / 2:.2f}" y="{height - 6}" text-anchor="middle">'
-               "cosine of patch and caption (retrieval CLIP)</text>")
-    out.append(f'<text x="14" y="{top + plot_h / 2:.2f}" text-anchor="middle" '
-               f'transform="rotate(-90 14 {top + plot_h / 2:.2f})">pairs</text>')
-    out.append("</svg>")
-    return "\n".join(out)
+    bars = [(f'data-bin="{esc(start)}"', count, f"from {esc(start)}: {count} pair(s)",
+             esc(start) if i % 10 == 0 else None) for i, (start, count) in enumerate(rows)]
+    return _column_chart_svg("clip-scores", "CLIP score histogram", bars,
+                             "cosine of patch and caption (retrieval CLIP)", False)
 
 
 def tissue_bars_svg(rows: list[tuple[str, int]]) -> str:
