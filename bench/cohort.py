@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -47,11 +48,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pathgen.config import load_params, step_params  # noqa: E402
-from pathgen.models.gpus import gpu_request  # noqa: E402
+from pathgen.models.gpus import STEP_MODEL, gpu_request  # noqa: E402
+from pathgen.reporting.throughput import MODEL_STEPS  # noqa: E402
 from pathgen.store.manifest import read_manifest  # noqa: E402
 from pathgen.store.shards import shard_slides  # noqa: E402
 
-MODEL_STEPS = ("caption", "revise", "summarize")
 
 
 def measure_tile(slides, params) -> tuple[float, float]:
@@ -169,8 +170,6 @@ def measured_model_rates(slides, params, items: int, threads: int) -> dict[str, 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        import tarfile
-
         with tarfile.open(f"data/patches/{entry.slide_id}.tar") as tar:
             members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)[:items]
             write_tar({m.name: tar.extractfile(m).read() for m in members}, tmp / "patches" / f"{entry.slide_id}.tar")
@@ -256,7 +255,7 @@ def main() -> None:
         model_rates[step] = {"rate": float(value), "load_s": model_rates.get(step, {}).get("load_s", 0.0),
                              "source": "--rate"}
     for step in MODEL_STEPS:
-        agent = {"caption": "describe", "revise": "revise", "summarize": "summarize"}[step]
+        agent = STEP_MODEL[step]
         resource = "GPU" if on_gpu[step] else "CPU"
         if step not in model_rates:
             rows.append((step, kept, "kept patches", None, shards, 0.0, resource, args.threads,
