@@ -6,10 +6,16 @@ almost every patch and k-means meaningless. Calibration centres and partially
 whitens the image features on a set of patches, and folds that affine map into
 the model's own parameters (`ln_post.bias` and `proj`), so the result is a
 standard open_clip checkpoint that loads through the unchanged code path.
+
+Everything here is float64 (the forward pass on a float64 copy of the model, the statistics, the
+eigendecomposition), so the result differs between CPUs only in float64 rounding, far below the
+float32 the parameters are stored in: the calibrated checkpoint is the same bytes on every CPU
+(a float32 forward pass gave different checkpoints under AVX2 and AVX-512 kernels).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import numpy as np
@@ -19,9 +25,9 @@ from PIL import Image
 
 @torch.no_grad()
 def raw_image_features(model: torch.nn.Module, preprocess: Callable, images: list[Image.Image]) -> np.ndarray:
-    """Un-normalised image features (N × D, float64)."""
-    batch = torch.stack([preprocess(image) for image in images])
-    return model.encode_image(batch, normalize=False).double().numpy()
+    """Un-normalised image features (N × D), computed in float64 on a float64 copy of `model`."""
+    batch = torch.stack([preprocess(image) for image in images]).double()
+    return copy.deepcopy(model).double().encode_image(batch, normalize=False).numpy()
 
 
 @torch.no_grad()

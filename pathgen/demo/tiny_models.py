@@ -1,5 +1,9 @@
 """Tiny offline models with the real architectures, built deterministically from a seed.
 
+The same bytes on every x86-64 CPU: random weights come from integer draws
+(pathgen.demo.portable_init), the CLIP's calibration runs in float64, and the
+GGUF's weights come from numpy's generator.
+
 They stand in for the released checkpoints (PathGen-CLIP-L_init, ...) so the
 whole pipeline runs on a laptop and in CI through the same loading code.
 Outputs are meaningless; shapes, file formats and code paths are real.
@@ -18,6 +22,7 @@ import open_clip
 import torch
 
 from pathgen.demo.calibration import whiten_image_features
+from pathgen.demo.portable_init import redraw_parameters
 from pathgen.demo.slides import texture_patches
 from pathgen.store.io import write_bytes
 from pathgen.store.seeds import derive_seed
@@ -60,6 +65,7 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
         model = open_clip.create_model(TINY_CLIP_NAME, pretrained=None, force_quick_gelu=True).eval()
     finally:
         root_logger.setLevel(level)
+    redraw_parameters(model, derive_seed(seed, "tiny-clip"))  # the same bits on every CPU
     # Spread the random features like a trained CLIP's, on synthetic patches the demo slides never contain.
     calibration = [image for _, image in texture_patches(TINY_CLIP_CALIBRATION_PER_CLASS, seed=derive_seed(seed, "calibration"))]
     preprocess = open_clip.image_transform(TINY_CLIP_CONFIG["vision_cfg"]["image_size"], is_train=False)
@@ -228,6 +234,7 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0, padding_side: str = "le
     config.pad_token_id = ids["<pad>"]
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
+    redraw_parameters(model, derive_seed(seed, "tiny-llava"))  # the same bits on every CPU
     with torch.no_grad():
         # At init scale (std 0.02) the blocks barely touch the residual stream, so the next
         # token depends on the last token only and greedy text cycles with period 2-3.
