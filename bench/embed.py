@@ -1,7 +1,7 @@
 """Embed throughput on the demo slides: the JPEG decode bound, the patch readers, the forward pass, end to end.
 
     python bench/embed.py [--params params.yaml] [--limit N] [--read-limit N] [--readers N] [--batch-size N] [--threads N]
-                          [--precision auto|fp32|fp16|bf16] [--model ViT-L-14-336] [--repeat N]
+                          [--precision auto|fp64|fp32|fp16|bf16] [--model ViT-L-14-336] [--repeat N]
 
 Prints patches/s for
   decode   PIL decode of the same patches stored as JPEGs at the pipeline's quality (patches.jpeg_quality,
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pathgen.config import load_params  # noqa: E402
 from pathgen.models.clip import ClipModel, encode_images, load_clip  # noqa: E402
 from pathgen.steps.embed import (  # noqa: E402
-    PRECISIONS, ModelInput, PatchDataset, embed_patches, resolve_precision, run_embed)
+    PRECISIONS, ModelInput, PatchDataset, embed_patches, resolve_precision, run_embed, weights_dtype)
 from pathgen.store.io import encode_jpeg  # noqa: E402
 from pathgen.store.manifest import read_manifest  # noqa: E402
 from pathgen.wsi.slide import Slide  # noqa: E402
@@ -188,6 +188,8 @@ def main() -> None:
 
     model_clip = random_clip(clip, args.model) if args.model else clip
     precision = resolve_precision(params["embed"]["precision"], model_clip.device)
+    model_clip.dtype = weights_dtype(precision)
+    model_clip.model.to(model_clip.dtype)
     n_e2e = sum(min(limit or g.height, g.height) for g in grids.values())
     forward_rate, _ = rate(bench_forward, model_clip, ModelInput(model_clip.preprocess, model_clip.input_size),
                            min(n_e2e, 4 * batch_size), batch_size, precision)

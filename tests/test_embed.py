@@ -153,6 +153,27 @@ def test_reduced_precision_features_agree_with_fp32(clip, raw_clip, slide_path, 
     assert got["raw", "bf16"].min() < 1.0  # autocast really ran in bf16
 
 
+def test_fp64_features_are_the_same_stored_bytes_for_any_batch_size_and_thread_count(
+        clip, slide_path, grid, model_input):
+    """On the CPU embed runs in float64, so batch composition and threads, which change the summation
+    order of the GEMMs, change no stored (float16) value; at fp32 they do (the control)."""
+    threads = torch.get_num_threads()
+    runs = {}
+    try:
+        for precision in ("fp64", "fp32"):
+            for batch_size, n_threads in ((16, 2), (1, 1), (5, 2)):
+                torch.set_num_threads(n_threads)
+                runs[precision, batch_size] = features(clip, slide_path, grid, model_input, "tiles", precision,
+                                                       batch_size=batch_size).astype(np.float16)
+    finally:
+        torch.set_num_threads(threads)
+    assert runs["fp64", 16].tobytes() == runs["fp64", 1].tobytes() == runs["fp64", 5].tobytes()
+    # fp64 and fp32 agree closely, and fp32's float16 bytes do move with the batch (measured: a few of
+    # the 64 x 24 values), which is why fp64 is the CPU's default.
+    assert np.abs(runs["fp64", 16].astype(np.float32) - runs["fp32", 16].astype(np.float32)).max() < 0.01
+    assert any(runs["fp32", 16].tobytes() != runs["fp32", b].tobytes() for b in (1, 5))
+
+
 def test_readers_and_where_pixels_are_normalised_change_no_bit(clip, slide_path, grid, model_input):
     base = features(clip, slide_path, grid, model_input, "tiles", readers=0, normalize=True)
     assert np.array_equal(base, features(clip, slide_path, grid, model_input, "tiles", readers=2, normalize=True))
@@ -161,7 +182,7 @@ def test_readers_and_where_pixels_are_normalised_change_no_bit(clip, slide_path,
 
 def test_precision_resolution():
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("auto", cpu) == "fp64"
     assert resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(ModelError, match="embed.precision is 'fp8'"):
         resolve_precision("fp8", cpu)
@@ -172,7 +193,7 @@ def test_run_embed_records_precision_and_reader(slide_path, grid_files, clip_cfg
     run_embed(slide_path, SLIDE, grid_files / "grid.parquet", clip_cfg, embed, tmp_path / "e.zarr", progress=False,
               readers=1)
     feats, _, attrs = read_embeddings(tmp_path / "e.zarr")
-    assert attrs["precision"] == "fp32" and attrs["reader"] == "tiles"
+    assert attrs["precision"] == "fp64" and attrs["reader"] == "tiles"
     assert feats.shape == (N_PATCHES, 64)
     # the reader processes measured each patch's quality on exactly the pixels the model saw
     stored = read_quality(tmp_path / "e.zarr")

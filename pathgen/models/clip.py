@@ -3,11 +3,18 @@
 One code path for both: an optional open_clip model config is registered,
 then `open_clip.create_model_and_transforms(model, pretrained=<local file>)`
 builds the architecture and loads the checkpoint. Nothing is fetched from a hub.
+
+On the CPU the model runs in float64 (`CPU_DTYPE`) unless asked otherwise: its results then
+differ between CPUs (AVX2 or AVX-512 kernels, BLAS code paths, thread counts) only in float64
+rounding, which the float32 and float16 values it is stored as never show. Text features are
+always computed on the CPU, so their bytes are the same on every machine.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -24,6 +31,7 @@ from pathgen.models.fingerprint import file_sha256, hash_store
 from pathgen.store.cache import ItemCache
 
 TEXT_CACHE_AGENT = "clip-text"  # item cache agent of text features: fingerprint = the CLIP's, payload = the text
+CPU_DTYPE = torch.float64  # the CPU's reproducible mode (module docstring)
 
 
 @dataclass
@@ -38,6 +46,7 @@ class ClipModel:
     input_size: int
     fingerprint: str  # sha256 over architecture name, config and checkpoint bytes
     checkpoint_sha256: str
+    dtype: torch.dtype = torch.float32  # of the weights; inputs are cast to it
 
 
 def clip_fingerprint(cfg: dict[str, Any], store: str | Path | None = None) -> tuple[str, str]:
@@ -62,10 +71,12 @@ def clip_fingerprint(cfg: dict[str, Any], store: str | Path | None = None) -> tu
     return digest.hexdigest(), ckpt_sha
 
 
-def load_clip(cfg: dict[str, Any], device: str = "cpu", store: str | Path | None = None) -> ClipModel:
+def load_clip(cfg: dict[str, Any], device: str = "cpu", store: str | Path | None = None,
+              dtype: torch.dtype | None = None) -> ClipModel:
     """Build and load the CLIP named by params.yaml's `clip` section; ModelError names the file.
 
-    `store`: the checkpoint hash store for the fingerprint (`clip_fingerprint`)."""
+    `store`: the checkpoint hash store for the fingerprint (`clip_fingerprint`). `dtype` of the
+    weights: None is `CPU_DTYPE` on the CPU, float32 elsewhere (where autocast may lower it)."""
     if cfg.get("config"):
         config_path = Path(cfg["config"])
         if not config_path.is_file():
@@ -90,7 +101,8 @@ def load_clip(cfg: dict[str, Any], device: str = "cpu", store: str | Path | None
         )
     except Exception as exc:  # open_clip raises RuntimeError/KeyError/pickle errors for a bad file
         raise ModelError(f"cannot load CLIP checkpoint {cfg['checkpoint']} as '{cfg['model']}': {exc}") from None
-    model.eval()
+    dtype = dtype or (CPU_DTYPE if torch_device.type == "cpu" else torch.float32)
+    model = model.to(dtype).eval()
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     if size != cfg["input_size"]:
@@ -104,7 +116,16 @@ def load_clip(cfg: dict[str, Any], device: str = "cpu", store: str | Path | None
         input_size=size,
         fingerprint=fingerprint,
         checkpoint_sha256=ckpt_sha,
+        dtype=dtype,
     )
+
+
+def with_dtype(clip: ClipModel, dtype: torch.dtype) -> ClipModel:
+    """`clip` with weights of `dtype`: itself when they already are, else a converted copy (the
+    model is not changed in place, so `clip` stays what it says it is)."""
+    if clip.dtype == dtype:
+        return clip
+    return dataclasses.replace(clip, model=copy.deepcopy(clip.model).to(dtype), dtype=dtype)
 
 
 @torch.inference_mode()
@@ -112,23 +133,24 @@ def encode_images(clip: ClipModel, batch: torch.Tensor, autocast_dtype: torch.dt
                   to_numpy: bool = True) -> np.ndarray | torch.Tensor:
     """L2-normalised image features (float32) of a preprocessed batch.
 
-    With `autocast_dtype` (torch.bfloat16 or torch.float16) the forward pass runs under torch.autocast
-    on the model's device; the features are normalised in float32 either way. `to_numpy=False` leaves
+    The batch is cast to the model's dtype. With `autocast_dtype` (torch.bfloat16 or torch.float16)
+    the forward pass runs under torch.autocast on the model's device; the features are normalised in
+    the model's dtype (at least float32), then returned as float32. `to_numpy=False` leaves
     them on the device (no synchronisation), for a caller that overlaps batches.
     """
-    batch = batch.to(clip.device, non_blocking=True)
+    batch = batch.to(clip.device, non_blocking=True).to(clip.dtype)
     if autocast_dtype is None:
         features = clip.model.encode_image(batch)
     else:
         with torch.autocast(device_type=clip.device.type, dtype=autocast_dtype):
             features = clip.model.encode_image(batch)
-    features = torch.nn.functional.normalize(features.float(), dim=-1)
+    features = torch.nn.functional.normalize(features.to(clip.dtype), dim=-1).float()
     return features.cpu().numpy() if to_numpy else features
 
 
 @torch.inference_mode()
 def encode_texts(clip: ClipModel, texts: list[str], batch_size: int = 64) -> np.ndarray:
-    """L2-normalised text features (float32), one row per text."""
+    """L2-normalised text features (float32, computed in the model's dtype), one row per text."""
     dim = clip.model.text_projection.shape[1] if hasattr(clip.model, "text_projection") else None
     if not texts:
         return np.zeros((0, dim or 0), np.float32)
@@ -178,7 +200,8 @@ def cached_text_features(clip: LazyClip, fingerprint: str, texts: list[str],
                          cache: ItemCache | None) -> np.ndarray:
     """L2-normalised text features (float32, one row per text), read from `cache` where it holds them.
 
-    `cache`: a pathgen.store.cache.ItemCache under `fingerprint` (agent TEXT_CACHE_AGENT), or None.
+    `cache`: a pathgen.store.cache.ItemCache under `text_cache_fingerprint(fingerprint)` (agent
+    TEXT_CACHE_AGENT), or None.
     Its key is the CLIP's `fingerprint` and the text; its value is the vector's exact float32 bytes, so
     a cached row is the computed row, byte for byte. The CLIP is loaded only when some text is missing.
     A missing text is encoded alone (a batch of one), so its vector does not depend on which other
@@ -202,13 +225,20 @@ def cached_text_features(clip: LazyClip, fingerprint: str, texts: list[str],
     return np.stack(rows).astype(np.float32, copy=False)
 
 
+def text_cache_fingerprint(fingerprint: str) -> str:
+    """The item cache fingerprint of a CLIP's text features: its `fingerprint` and how they are computed
+    (on the CPU, in `CPU_DTYPE`), so rows computed another way are never taken for these."""
+    return hashlib.sha256(f"{fingerprint}\x1fcpu\x1f{CPU_DTYPE}".encode()).hexdigest()
+
+
 def cached_clip_texts(clip_cfg: dict[str, Any], fingerprint: str, texts: list[str], cache_dir: str | Path | None,
                       flush_every: int = 32, info: dict[str, Any] | None = None) -> np.ndarray:
     """CLIP text features of `texts` (float32 rows), through the item cache under `cache_dir` (None: not
     cached); the CLIP (on CPU: the text tower is cheap and CPU rows are reproducible) is loaded only
     for texts the cache lacks. `info` receives the cache counters and whether the CLIP was loaded."""
     clip = LazyClip(clip_cfg, "cpu", hash_store(cache_dir) if cache_dir is not None else None)
-    cache = ItemCache(cache_dir, TEXT_CACHE_AGENT, fingerprint, flush_every) if cache_dir is not None else None
+    cache = (ItemCache(cache_dir, TEXT_CACHE_AGENT, text_cache_fingerprint(fingerprint), flush_every)
+             if cache_dir is not None else None)
     try:
         features = cached_text_features(clip, fingerprint, texts, cache)
     finally:

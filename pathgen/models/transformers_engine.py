@@ -4,7 +4,9 @@ PathGen-LLaVA_desp and the revise agent are LLaVA-1.5 models; converted to
 Hugging Face format (`llava-hf` layout) they load as
 `LlavaForConditionalGeneration` + processor. Generation is batched with left
 padding (batch-invariant: see tests/test_agents.py), greedy unless
-configured, fp16 on CUDA and fp32 on CPU. Requests with a JSON schema are
+configured, in `dtype` (`auto`: float16 on CUDA, float64 on the CPU, where
+greedy text is then the same on every CPU: float32 logits differ in their last
+bits between AVX2 and AVX-512 kernels, and a near-tie flips a token). Requests with a JSON schema are
 decoded under it by xgrammar (a grammar compiled once per schema, a logits
 mask per row), so every answer parses and follows the schema unless it is
 cut by the token limit.
@@ -30,6 +32,18 @@ from pathgen.models.fingerprint import checkpoint_files
 from pathgen.text.hygiene import clean_generated_text
 
 
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The engine's `dtype` setting as run: `auto` is float16 on CUDA and float64 on the CPU."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float64
+    if name not in DTYPES:
+        raise ModelError(f"transformers engine dtype '{name}': expected auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 class TransformersEngine(Engine):
     """A LLaVA model answering one text prompt per image (or text only)."""
 
@@ -45,11 +59,12 @@ class TransformersEngine(Engine):
         self.batch_size = settings.get("batch_size", 8)
         checkpoint_files(self.checkpoint, what)
         self.device = resolve_device(settings.get("device", "auto"), f"{what}.device")
+        self.dtype = model_dtype(settings.get("dtype", "auto"), self.device)
         try:
             self.processor = transformers.AutoProcessor.from_pretrained(self.checkpoint, local_files_only=True)
             self.model = transformers.LlavaForConditionalGeneration.from_pretrained(
                 self.checkpoint, local_files_only=True,
-                dtype=torch.float16 if self.device.type == "cuda" else torch.float32,
+                dtype=self.dtype,
             ).to(self.device).eval()
         except (OSError, ValueError, KeyError, safetensors.SafetensorError) as exc:
             raise ModelError(f"cannot load {what} checkpoint {self.checkpoint} as LLaVA: {exc}") from None

@@ -14,8 +14,10 @@ How a patch reaches the input size is `embed.reader`:
 * `openslide`: the reference path: OpenSlide `read_patch` and open_clip's preprocess (bicubic
   resize, centre crop).
 
-The forward pass runs at `embed.precision` (autocast on the device); features are L2-normalised in
-float32 and stored as float16 (N × D) with the patch coordinates; the attrs carry the model
+The forward pass runs at `embed.precision`: on the CPU `auto` is float64 weights and activations
+(`fp64`), whose results are the same float16 bytes on every CPU (the other precisions' float32
+rounding differs between AVX2 and AVX-512 kernels and thread counts); on CUDA it is bf16/fp16
+autocast. Features are L2-normalised and stored as float16 (N × D) with the patch coordinates; the attrs carry the model
 fingerprint, precision and reader so a store can always be traced to what made it.
 
 Each reader also measures the patch's quality on the pixels the model sees (`pathgen.wsi.quality`:
@@ -37,26 +39,33 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pathgen.errors import ModelError, SlideError
-from pathgen.models.clip import ClipModel, encode_images, load_clip
+from pathgen.models.clip import ClipModel, encode_images, load_clip, with_dtype
+from pathgen.models.device import resolve_device
 from pathgen.store.embeddings import write_embeddings
 from pathgen.wsi.quality import MEASURES, measure
 from pathgen.wsi.slide import Slide
 
 DEFAULT_READERS = 2
 READERS = ("tiles", "openslide")
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = {"fp64": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # -> autocast dtype
 PREFETCH_BATCHES = 4  # batches each reader keeps ready ahead of the forward pass
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """embed.precision as run: `auto` is bf16 on CUDA where supported (else fp16), fp32 on CPU."""
+    """embed.precision as run: `auto` is bf16 on CUDA where supported (else fp16), fp64 on CPU."""
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
+        return "fp64"
     if precision not in PRECISIONS:
         raise ModelError(f"params.yaml embed.precision is '{precision}'; expected auto, {', '.join(PRECISIONS)}")
     return precision
+
+
+def weights_dtype(precision: str) -> torch.dtype:
+    """The dtype of the CLIP's weights at a resolved `precision`: float64 for fp64, else float32
+    (fp16 and bf16 are autocast over float32 weights)."""
+    return torch.float64 if precision == "fp64" else torch.float32
 
 
 class ModelInput:
@@ -176,8 +185,10 @@ def embed_patches(clip: ClipModel, dataset: PatchDataset, batch_size: int, reade
     `readers` worker processes decode patches ahead of the forward pass (`PREFETCH_BATCHES` batches
     each); batches are pinned and copied with non_blocking on CUDA, and a batch's features are
     fetched from the device only after the next batch has been launched. Workers are not persistent:
-    the loader makes one pass over one slide.
+    the loader makes one pass over one slide. The forward pass runs on weights of `precision`'s
+    dtype (`weights_dtype`; a converted copy when `clip`'s are another).
     """
+    clip = with_dtype(clip, weights_dtype(precision))
     dim = clip.model.visual.output_dim
     features = np.zeros((len(dataset), dim), np.float32)
     quality = np.zeros((len(dataset), len(MEASURES)), np.float64)
@@ -234,8 +245,8 @@ def run_embed(wsi: str | Path, slide_id: str, grid_path: str | Path, clip_cfg: d
     if readers < 0:
         raise ValueError(f"readers must be >= 0, got {readers}")
     grid = pl.read_parquet(grid_path)
-    clip = load_clip(clip_cfg, embed_cfg["device"])
-    precision = resolve_precision(embed_cfg["precision"], clip.device)
+    precision = resolve_precision(embed_cfg["precision"], resolve_device(embed_cfg["device"]))
+    clip = load_clip(clip_cfg, embed_cfg["device"], dtype=weights_dtype(precision))
     model_input = ModelInput(clip.preprocess, clip.input_size)
     # Open once in this process so that a broken slide fails here, named, before workers start.
     with Slide(wsi, slide_id, mpp_override) as slide:

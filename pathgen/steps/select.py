@@ -12,9 +12,10 @@
 2. Diversity: k-means on all (passing) patch features with k = ⌈√N⌉, and
    `cluster_samples` patches drawn round-robin over the clusters in a seeded
    order, so cluster counts differ by at most one unless a cluster runs out.
-   k-means (`kmeans`) is Lloyd's algorithm in float32 after a greedy k-means++
-   init (sklearn's), in torch on `select.device`, with distances computed in
-   chunks of rows so memory stays bounded (N x D features plus ~32 MiB).
+   k-means (`kmeans`) is Lloyd's algorithm after a greedy k-means++ init
+   (sklearn's), in torch on `select.device` (float64 on the CPU, float32 on
+   CUDA), with distances computed in chunks of rows so memory stays bounded
+   (N x D features plus ~32 MiB).
 3. The union of the three sets, every reason recorded.
 4. Near-duplicate filter: pairs of candidates with cosine similarity s above
    the threshold t are visited from the most similar down; while both are
@@ -27,10 +28,11 @@
    cluster-only before retrieved, then the larger grid index.
 
 All randomness comes from (seed, slide id), so a slide's selection never
-depends on which other slides are in the run. On one device the selection is
-the same bytes for the same inputs (CPU: also for any thread count); a CUDA run
-may differ from a CPU run where float32 rounding flips a near-tie, as embed's
-features do.
+depends on which other slides are in the run. On the CPU every similarity,
+score and distance is computed in float64, so the selection is the same bytes
+on every CPU, for any thread count (float32 GEMMs round differently under AVX2
+and AVX-512 kernels and flip near-ties); a CUDA run may differ from a CPU run
+where float32 rounding flips a near-tie.
 
 Prompt text features are read from the item cache (agent `clip-text`, keyed
 by the CLIP fingerprint and the text, values the exact float32 bytes): a slide
@@ -91,7 +93,7 @@ SELECTION_SCHEMA = {
 REASON_COLOURS = {"report": (220, 40, 40), "attribute": (245, 150, 20), "cluster": (40, 110, 235), "multi": (160, 40, 200)}
 DROPPED_COLOUR = (120, 120, 120)
 QC_COLOURS = {"background": (0, 200, 200), "pen": (0, 140, 0), "fold": (0, 0, 0), "blur": (230, 0, 230)}
-KMEANS_CHUNK_BYTES = 32 << 20  # distance block (rows x k float32) per step: bounds k-means memory
+KMEANS_CHUNK_BYTES = 32 << 20  # distance block (rows x k) per step: bounds k-means memory
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +208,7 @@ def _lloyd(x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor, max_iter:
 
 def kmeans(features: np.ndarray, seed: int, n_init: int = 1, max_iter: int = 100, tol: float = 1e-4,
            device: str = "cpu") -> KMeansResult:
-    """k-means with k = ⌈√N⌉ (paper: clusters grow with slide size) in float32.
+    """k-means with k = ⌈√N⌉ (paper: clusters grow with slide size), in float64 on the CPU and float32 on CUDA.
 
     `n_init` seeded k-means++ inits, each refined by Lloyd; the lowest inertia wins (the first on a tie).
     `tol` is relative to the mean per-dimension variance, as in sklearn. `device`: 'auto', 'cpu', 'cuda'.
@@ -220,9 +222,10 @@ def kmeans(features: np.ndarray, seed: int, n_init: int = 1, max_iter: int = 100
     torch_device = resolve_device(device, "select.device")
     variance = _mean_variance(features)
     gen = torch.Generator().manual_seed(int(seed) % (2**63))
-    chunk = max(1, KMEANS_CHUNK_BYTES // (4 * k))
+    dtype = np.float64 if torch_device.type == "cpu" else np.float32
+    chunk = max(1, KMEANS_CHUNK_BYTES // (np.dtype(dtype).itemsize * k))
     with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(torch_device)
+        x = torch.from_numpy(np.ascontiguousarray(features, dtype=dtype)).to(torch_device)
         x_sq = _sq_norms(x)
         best: KMeansResult | None = None
         for _ in range(n_init):
@@ -324,7 +327,7 @@ def select_patches(features: np.ndarray, coords: np.ndarray, report_text: np.nda
     clustering or the filter (ranks, k and cluster sizes are over the others) and come back as
     rows with `kept` false and `drop_reason` "qc:<reason>".
     """
-    features = np.ascontiguousarray(features, dtype=np.float32)
+    features = np.ascontiguousarray(features, dtype=np.float64)  # float16 values: exact
     n = len(features)
     if qc is not None and any(r is not None for r in qc):
         if len(qc) != n:
@@ -338,8 +341,10 @@ def select_patches(features: np.ndarray, coords: np.ndarray, report_text: np.nda
                       pl.Int32))
         failed = np.array([i for i, r in enumerate(qc) if r is not None], np.int64)
         return pl.concat([chosen, qc_rows(slide_id, failed, coords, geometry, [qc[i] for i in failed])]).sort("tile")
-    report_scores = combine_scores(features @ report_text.T, params["combine"]) if len(report_text) else None
-    attribute_scores = combine_scores(features @ attribute_text.T, params["combine"]) if len(attribute_text) else None
+    report_scores = (combine_scores(features @ report_text.T.astype(np.float64), params["combine"])
+                     if len(report_text) else None)
+    attribute_scores = (combine_scores(features @ attribute_text.T.astype(np.float64), params["combine"])
+                        if len(attribute_text) else None)
     by_report = top_k(report_scores, params["report_top_k"])
     by_attribute = top_k(attribute_scores, params["attribute_top_k"])
     clustering = kmeans(features, derive_seed(seed, slide_id, "kmeans"), params["kmeans_n_init"],
