@@ -9,7 +9,8 @@ as random unit vectors; k = ceil(sqrt(N)) (317 at 100,000). Each case runs in it
 peak RSS (ru_maxrss) is its own; the process's baseline (Python, torch, sklearn and the features) is
 printed too.
 
-  new  select_patches as it is now: torch k-means in float32, one k-means++ init, Lloyd in distance blocks
+  new  select_patches as it is now: torch k-means (float64 on the CPU), one k-means++ init, Lloyd in
+       distance blocks (`--old-ref b64595f` compares it with the float32 version before)
   sk32 select_patches as now but with sklearn's KMeans in float32, n_init=1, max_iter=100 in place of
        the torch k-means (the other candidate for the CPU path)
   old  select_patches of commit `--old-ref` (default OLD_REF, the last one before this change: sklearn

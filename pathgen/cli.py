@@ -263,13 +263,20 @@ def cmd_throughput(args: argparse.Namespace) -> None:
     print(json.dumps(rows, indent=2, sort_keys=True) if args.json else format_throughput(rows))
 
 
-def cmd_cache(args: argparse.Namespace) -> None:
+def cmd_cache(args: argparse.Namespace) -> int | None:
     from pathgen.store import cache
 
     if args.action == "stats":
         print(cache.format_stats(cache.cache_stats(args.root)))
     elif args.action == "compact":
         print(cache.compact(args.root, agent=args.agent))
+    elif args.action == "verify":
+        report = cache.verify(args.root)
+        for line in report["problems"]:
+            print(f"pathgen cache verify: {line}", file=sys.stderr)
+        print(f"pathgen cache verify: {report['segments']} segments, {report['items']} items checked against their "
+              f"content hashes; {len(report['problems'])} problem(s)")
+        return 1 if report["problems"] else 0
     else:
         removed = cache.prune(args.root, keep=args.keep, agent=args.agent, dry_run=args.dry_run)
         print("\n".join(str(p) for p in removed) or "nothing to prune")
@@ -335,16 +342,13 @@ def cmd_sync(args: argparse.Namespace) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from pathgen.lineage.versioning import audit
+    from pathgen.lineage.versioning import audit, format_audit
 
-    result = audit(args.repo, args.rev, keep=args.keep, remote=args.remote)
-    if result.passed:
-        print(f"pathgen audit: {args.rev}: dvc repro from the tracked inputs rebuilt {len(result.stages)} stages; "
-              "dvc.lock is byte-identical")
-        return 0
-    print(f"pathgen audit: {args.rev}: the rebuild differs from the committed dvc.lock:", file=sys.stderr)
-    print("\n".join(f"  {line}" for line in result.differences), file=sys.stderr)
-    return 1
+    result = audit(args.repo, args.rev, keep=args.keep, remote=args.remote, mode=args.mode,
+                   max_changed=args.max_changed)
+    text = format_audit(result)
+    print(text, file=sys.stdout if result.passed else sys.stderr)
+    return 0 if result.passed else 1
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -507,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_manifest_gdc, log=None)
 
     p = sub.add_parser("cache", help="inspect and maintain the item-level cache")
-    p.add_argument("action", choices=["stats", "compact", "prune"])
+    p.add_argument("action", choices=["stats", "compact", "prune", "verify"])
     p.add_argument("--root", default="cache")
     p.add_argument("--agent", help="only this agent (describe, revise, summarize, ...)")
     p.add_argument("--keep", nargs="*", default=[], help="prune: fingerprints to keep")
@@ -536,9 +540,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=".")
     p.set_defaults(func=cmd_sync, log=None)
 
-    p = sub.add_parser("audit", help="rebuild a revision from its DVC-tracked inputs in a fresh clone; "
-                                     "dvc.lock must come out byte-identical")
+    p = sub.add_parser("audit", help="rebuild a revision from its DVC-tracked inputs in a fresh clone; exact: "
+                                     "model answers from the verified item cache, dvc.lock must come out "
+                                     "byte-identical; recompute: every model call made again, judged by the "
+                                     "dataset diff")
     p.add_argument("rev", nargs="?", default="HEAD")
+    p.add_argument("--mode", choices=["exact", "recompute"], default="exact")
+    p.add_argument("--max-changed", type=float, default=0.01,
+                   help="recompute: the share of the committed pairs that may be added, removed or re-captioned "
+                        "(default 0.01); a changed patch image always fails")
     p.add_argument("--repo", default=".")
     p.add_argument("--keep", help="build in this (empty) directory and keep it, instead of a temporary one")
     p.add_argument("--remote", help="pull the tracked inputs from this DVC remote instead of the local cache")

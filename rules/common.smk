@@ -2,6 +2,7 @@
 # No pipeline logic here: every step is a `pathgen` command.
 
 import json
+import os
 from pathlib import Path
 
 from pathgen.config import step_params_json, validate_params
@@ -108,7 +109,10 @@ def shard_slides_json(wildcards):
 
 
 def cache_args(wildcards):
-    return f"--cache-dir {config['cache']['root']} --flush-every {config['cache']['flush_every']}"
+    # PATHGEN_CACHE_ROOT: another item cache for this run (pathgen audit's rebuild); the root is where
+    # answers are kept, never what they are, so it is no part of any output's lineage.
+    root = os.environ.get("PATHGEN_CACHE_ROOT") or config["cache"]["root"]
+    return f"--cache-dir {root} --flush-every {config['cache']['flush_every']}"
 
 
 def shard_entries_json(wildcards):

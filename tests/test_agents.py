@@ -8,12 +8,14 @@ import io
 
 import open_clip
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 import jsonschema
 
+from pathgen.errors import ModelError
 from pathgen.models.engine import Agent, Answer, Request
 from pathgen.steps.revise import apply_ops, ops_schema, parse_ops
 from pathgen.steps.summarize import fit_to_limit, summarize_one
@@ -239,3 +241,21 @@ def test_llava_answers_follow_each_requests_schema(llava):
         assert apply_ops(description, parse_ops(answer.text))[1] in ("applied", "unchanged")
     unconstrained = llava.generate([Request("Revise: " + DESCRIPTION, 12, image=IMAGES[0])])[0]
     assert not unconstrained.constrained
+
+
+def test_llava_runs_in_float64_on_the_cpu_unless_told(llava, llava_dir):
+    from pathgen.models.transformers_engine import TransformersEngine, model_dtype
+
+    llava.generate([Request("Describe.", 2, image=IMAGES[0])])  # loads the engine
+    assert {p.dtype for p in llava._engine.model.parameters()} == {torch.float64}
+    assert model_dtype("auto", torch.device("cpu")) == torch.float64
+    assert model_dtype("auto", torch.device("cuda")) == torch.float16
+    settings = {"engine": "transformers", "checkpoint": str(llava_dir), "max_new_tokens": 4, "do_sample": False,
+                "device": "cpu", "batch_size": 2}
+    f32 = TransformersEngine({**settings, "dtype": "float32"}, "describe")
+    assert {p.dtype for p in f32.model.parameters()} == {torch.float32}
+    with pytest.raises(ModelError, match="dtype 'fp8'"):
+        TransformersEngine({**settings, "dtype": "fp8"}, "describe")
+    # the dtype decides answers, so it is part of the agent's fingerprint; the device is not
+    assert Agent("describe", {**settings, "dtype": "float32"}).fingerprint != Agent("describe", settings).fingerprint
+    assert Agent("describe", {**settings, "device": "auto"}).fingerprint == Agent("describe", settings).fingerprint

@@ -479,3 +479,39 @@ def test_prune_keeps_listed_fingerprints(tmp_path):
     assert [r["fingerprint"] for r in cache_stats(tmp_path)] == [FP]
     with ItemCache(tmp_path, "agent", FP) as c:
         assert c.get(b"x") == 1
+
+
+def test_verify_checks_every_entry_against_its_content_address(tmp_path):
+    with ItemCache(tmp_path, "agent", FP, flush_every=2) as c:
+        for i in range(5):
+            c.put(payload(i), value(i))
+    with ItemCache(tmp_path, "other", "free text fp") as c:
+        c.put(b"x", "y")
+    report = cache.verify(tmp_path)
+    assert (report["segments"], report["items"], report["problems"]) == (4, 6, [])
+
+    segment = sorted((tmp_path / "agent" / FP[:24]).glob("seg-*.jsonl"))[0]
+    data = segment.read_bytes()
+    segment.write_bytes(data.replace(b'"v":', b'"v": ', 1))  # still JSON, no longer the bytes that were named
+    (tmp_path / "other" / fingerprint_dir_name("free text fp") / cache.FINGERPRINT_FILE).write_text(FP2)
+    problems = cache.verify(tmp_path)["problems"]
+    assert problems == [f"agent/{FP[:24]}/{segment.name}: its bytes do not hash to its name (damaged or edited)",
+                        f"other/{fingerprint_dir_name('free text fp')}: fingerprint.txt names another directory "
+                        f"({FP2[:24]})"]
+    # A segment renamed to the hash of damaged bytes is caught by its lines instead.
+    segment.unlink()
+    bad = data.replace(b'{"k":', b'{"K":', 1)
+    (segment.parent / f"seg-{hashlib.sha256(bad).hexdigest()[:32]}.jsonl").write_bytes(bad)
+    assert any("line 1 is not a cache item" in line for line in cache.verify(tmp_path)["problems"])
+
+
+def test_cache_verify_command_exits_1_on_damage(tmp_path):
+    with ItemCache(tmp_path, "agent", FP) as c:
+        c.put(b"x", "y")
+    cli = [sys.executable, "-m", "pathgen", "cache", "verify", "--root", str(tmp_path)]
+    ok = subprocess.run(cli, capture_output=True, text=True)
+    assert ok.returncode == 0 and "1 segments, 1 items checked" in ok.stdout and "0 problem(s)" in ok.stdout
+    segment = next((tmp_path / "agent").glob("*/seg-*.jsonl"))
+    segment.write_bytes(segment.read_bytes()[:-1])
+    bad = subprocess.run(cli, capture_output=True, text=True)
+    assert bad.returncode == 1 and f"{segment.name}: its bytes do not hash to its name" in bad.stderr

@@ -8,6 +8,7 @@ param. The tests run in file order and share that repository.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import yaml
 from conftest import BIN, ROOT, planned_jobs, run, snakemake
 
 from pathgen.lineage.dvc_yaml import stale_lock_stages
-from pathgen.lineage.versioning import lock_differences
+from pathgen.lineage.versioning import judge_diff, lock_differences, word_change
 
 INPUTS = ["data/demo", "data/slides.tsv", "models/tiny-clip", "models/tiny-llava", "models/tiny-llm"]
 
@@ -95,8 +96,39 @@ def test_build_commit_and_audit(repo):
 
     proc = pathgen(repo, "audit", check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "rebuilt 7 stages; dvc.lock is byte-identical" in proc.stdout
+    head = "pathgen audit --mode exact: HEAD"
+    items = int(re.search(rf"{head}: item cache \S+: \d+ segments, (\d+) items checked against their content "
+                          r"hashes, 0 problem\(s\)", proc.stdout).group(1))
+    assert items > 0
+    # every model answer came from the verified cache, and every other step ran again to the same bytes
+    assert (f"{head}: dvc repro from the tracked inputs rebuilt 7 stages with model answers from the item cache; "
+            "0 model answers computed\n" f"{head}: dvc.lock is byte-identical\n{head}: passed") in proc.stdout
     assert git(repo, "status", "--porcelain") == ""  # the audit built elsewhere
+
+    # recompute: an empty cache, every model call made again; on the CPU they give the same pairs
+    proc = pathgen(repo, "audit", "--mode", "recompute", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    head = "pathgen audit --mode recompute: HEAD"
+    computed = int(re.search(rf"{head}: .* every model call was made again; (\d+) model answers computed",
+                             proc.stdout).group(1))
+    assert computed >= items  # at least every answer the exact audit was served
+    pairs = pl.read_parquet(repo / "data/dataset/manifest.parquet").height
+    assert (f"{head}: dataset diff, committed -> rebuilt: {pairs} -> {pairs} pairs; added 0, removed 0, caption "
+            f"changed 0 (mean 0.0% of their words, at most 0.0%), image changed 0, unchanged {pairs}; tolerance "
+            f"1.00% of the pairs\n{head}: passed") in proc.stdout
+    assert f"{head}: dvc.lock is byte-identical" in proc.stdout
+
+    # A damaged cache entry fails the exact audit before anything is rebuilt, naming the segment.
+    segment = sorted((repo / "cache" / "describe").glob("*/seg-*.jsonl"))[0]
+    original = segment.read_bytes()
+    segment.write_bytes(original[:40] + bytes([original[40] ^ 1]) + original[41:])  # one bit of a key
+    try:
+        proc = pathgen(repo, "audit", check=False)
+    finally:
+        segment.write_bytes(original)
+    assert proc.returncode == 1
+    assert f"item cache: describe/{segment.parent.name}/{segment.name}: its bytes do not hash to its name" in proc.stderr
+    assert "dvc repro" not in proc.stderr and "FAILED" in proc.stderr
 
 
 def test_dvc_yaml_warns_of_stages_left_in_dvc_lock(tmp_path):
@@ -114,6 +146,31 @@ def test_lock_differences_names_each_moved_output():
     rebuilt = committed.replace("b.dir", "c.dir")
     assert lock_differences(committed, committed) == []
     assert lock_differences(committed, rebuilt) == ["patches: data/patches: committed b.dir, rebuilt c.dir"]
+
+
+def diff_report(pairs: int, added=(), removed=(), caption_changed=(), image_changed=()) -> dict:
+    keys = {"added": list(added), "removed": list(removed), "caption_changed": list(caption_changed),
+            "image_changed": list(image_changed)}
+    return {"counts": {"pairs_a": pairs, **{k: len(v) for k, v in keys.items()}}, "keys": keys}
+
+
+def test_recompute_verdict_holds_changed_pairs_to_the_tolerance_and_images_to_none():
+    assert judge_diff(diff_report(200), 0.0) == []
+    # 2 of 200 pairs changed (one re-captioned twice over is one pair): 1% passes, 0.5% fails
+    report = diff_report(200, added=["k9"], caption_changed=["k1"], removed=[])
+    assert judge_diff(report, 0.01) == []
+    assert judge_diff(report, 0.005) == ["2 of 200 pairs changed (added, removed or re-captioned), more than the "
+                                         "tolerance of 0.50% (1 pairs)"]
+    assert judge_diff(diff_report(200, removed=["k1"], caption_changed=["k1"]), 0.005) == []  # one pair
+    # a patch image never changes when only the models were rerun, whatever the tolerance
+    assert judge_diff(diff_report(200, image_changed=["k3"]), 1.0) == [
+        "1 pair(s) have another patch image: images come from deterministic steps, so a model rerun never changes one"]
+
+
+def test_word_change_is_the_share_of_differing_words():
+    assert word_change("a b c d", "a b c d") == 0.0
+    assert word_change("a b c d", "a b x d") == 0.25
+    assert word_change("", "new words") == 1.0 and word_change(None, None) == 0.0
 
 
 def test_code_change_reruns_its_step_in_both_engines(repo):

@@ -7,9 +7,21 @@ the outputs are exactly what the recorded code, params and inputs produce, so
 `snakemake --touch` may safely mark them up to date.
 
 `audit`: clone a revision into a temporary directory, check out only the
-DVC-tracked inputs (`*.dvc` files: slides, reports, manifest, checkpoints),
-run `dvc repro` from nothing, and require the rebuilt `dvc.lock` to equal the
-committed one byte for byte.
+DVC-tracked inputs (`*.dvc` files: slides, reports, manifest, checkpoints) and
+run `dvc repro` from nothing, in one of two modes:
+
+* `exact`: model answers come from the repository's item cache, whose entries
+  are first checked against their content hashes (`pathgen.store.cache.verify`);
+  every other step runs again, and the rebuilt `dvc.lock` must equal the
+  committed one byte for byte. This is the audit of a CPU-built dataset, and of
+  the deterministic steps of any dataset.
+* `recompute`: the item cache is left out, so every model call is made again.
+  GPUs of another type, another batch composition or another driver do not
+  reproduce float16 generation bit for bit, so the verdict is the dataset diff
+  of the committed and the rebuilt `data/dataset`: no patch image may change
+  (images come from deterministic steps only), and at most `max_changed` of the
+  committed pairs may be added, removed or re-captioned. How much the changed
+  captions changed (the share of their words) is reported beside.
 """
 
 from __future__ import annotations
@@ -96,18 +108,30 @@ def sync(root: str | Path = ".") -> int:
     return sum(1 for line in proc.stdout.splitlines() if line.startswith("Touching output file"))
 
 
+AUDIT_MODES = ("exact", "recompute")
+DEFAULT_MAX_CHANGED = 0.01  # recompute: share of the committed pairs that may differ (README "Versions and audits")
+CACHE_ENV = "PATHGEN_CACHE_ROOT"  # read by rules/common.smk: the item cache root the audit's rebuild uses
+
+
 @dataclass
 class AuditResult:
-    """What `pathgen audit` found: the stages rebuilt and any output whose hash moved."""
+    """What `pathgen audit` found: the stages rebuilt, any output whose hash moved, and (recompute) the
+    dataset diff with its verdict."""
 
     rev: str
     stages: list[str]
     differences: list[str] = field(default_factory=list)
     workdir: Path | None = None
+    mode: str = "exact"
+    cache: dict[str, Any] | None = None  # exact: verify() of the source cache, plus "served"
+    recomputed: int = 0  # model answers computed during the rebuild (cache items written)
+    diff: dict[str, Any] | None = None  # recompute: the dataset diff report, plus "word_change"
+    max_changed: float = DEFAULT_MAX_CHANGED
+    failures: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return not self.differences
+        return not self.failures
 
 
 def _lock_outs(text: str) -> dict[str, dict[str, str]]:
@@ -131,9 +155,114 @@ def lock_differences(committed: str, rebuilt: str) -> list[str]:
     return lines
 
 
+def _mirror_cache(source: Path, mirror: Path) -> int:
+    """A cache at `mirror` whose segments are links to those of `source` (segments are immutable:
+    a writer only adds files), so the rebuild reads every stored answer and writes what it computes
+    beside them, never into `source`. Returns the number of segments linked."""
+    from pathgen.store.cache import FINGERPRINT_FILE, SEGMENT_GLOB, _fingerprint_dirs
+
+    linked = 0
+    for agent, directory in _fingerprint_dirs(source, None):
+        target = mirror / agent / directory.name
+        target.mkdir(parents=True, exist_ok=True)
+        if (directory / FINGERPRINT_FILE).is_file():
+            shutil.copyfile(directory / FINGERPRINT_FILE, target / FINGERPRINT_FILE)
+        for segment in sorted(directory.glob(SEGMENT_GLOB)):
+            (target / segment.name).symlink_to(segment.resolve())
+            linked += 1
+    return linked
+
+
+def _written_items(cache_root: Path) -> int:
+    """Items in the segments written under `cache_root` (regular files; linked segments are not counted)."""
+    from pathgen.store.cache import SEGMENT_GLOB
+
+    if not cache_root.is_dir():
+        return 0
+    return sum(sum(1 for _ in seg.open("rb")) for seg in sorted(cache_root.glob(f"*/*/{SEGMENT_GLOB}"))
+               if not seg.is_symlink())
+
+
+def word_change(old: str | None, new: str | None) -> float:
+    """The share of words that differ between two captions: 1 - difflib's ratio over their words."""
+    import difflib
+
+    a, b = (old or "").split(), (new or "").split()
+    return 1.0 - difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() if a or b else 0.0
+
+
+def judge_diff(report: dict[str, Any], max_changed: float) -> list[str]:
+    """The recompute verdict on a dataset diff report: one line per failed condition ([] passes)."""
+    counts = report["counts"]
+    failures = []
+    if counts["image_changed"]:
+        failures.append(f"{counts['image_changed']} pair(s) have another patch image: images come from "
+                        "deterministic steps, so a model rerun never changes one")
+    changed = len(set(report["keys"]["added"]) | set(report["keys"]["removed"]) | set(report["keys"]["caption_changed"]))
+    allowed = max_changed * counts["pairs_a"]
+    if changed > allowed:
+        failures.append(f"{changed} of {counts['pairs_a']} pairs changed (added, removed or re-captioned), "
+                        f"more than the tolerance of {max_changed:.2%} ({int(allowed)} pairs)")
+    return failures
+
+
+def recompute_diff(clone: Path, rev: str) -> dict[str, Any]:
+    """The dataset diff of `rev`'s committed dataset (from the DVC cache) and the clone's rebuilt one, with
+    `word_change`: how many captions changed and the mean and largest share of their words that did."""
+    import polars as pl
+
+    from pathgen.lineage.diff import diff_manifests, open_version
+
+    with open_version(clone, rev) as committed, open_version(clone, None) as rebuilt:
+        report = diff_manifests(committed.manifest, rebuilt.manifest, rev, "rebuilt", examples=3)
+        keys = report["keys"]["caption_changed"]
+        old, new = (dict(v.manifest.filter(pl.col("key").is_in(keys)).select("key", "summary").iter_rows())
+                    for v in (committed, rebuilt))
+    changes = [word_change(old[k], new[k]) for k in keys]
+    report["word_change"] = {"captions": len(changes), "mean": round(sum(changes) / len(changes), 4) if changes else 0.0,
+                             "max": round(max(changes), 4) if changes else 0.0}
+    return report
+
+
+def format_audit(result: AuditResult) -> str:
+    """What `pathgen audit` prints: what was rebuilt and how, what was compared, and the verdict."""
+    head = f"pathgen audit --mode {result.mode}: {result.rev}"
+    lines = []
+    if result.mode == "exact" and result.cache is not None:
+        c = result.cache
+        lines.append(f"{head}: item cache {c['root']}: {c['segments']} segments, {c['items']} items checked "
+                     f"against their content hashes, {len(c['problems'])} problem(s)")
+    if result.stages:
+        how = ("model answers from the item cache" if result.mode == "exact" else
+               "an empty item cache, so every model call was made again")
+        lines.append(f"{head}: dvc repro from the tracked inputs rebuilt {len(result.stages)} stages with {how}; "
+                     f"{result.recomputed} model answers computed")
+        lines.append(f"{head}: dvc.lock is byte-identical" if not result.differences else
+                     f"{head}: {len(result.differences)} output(s) of dvc.lock moved:\n" +
+                     "\n".join(f"  {line}" for line in result.differences))
+    if result.diff is not None:
+        c, w = result.diff["counts"], result.diff["word_change"]
+        lines.append(f"{head}: dataset diff, committed -> rebuilt: {c['pairs_a']} -> {c['pairs_b']} pairs; "
+                     f"added {c['added']}, removed {c['removed']}, caption changed {c['caption_changed']} "
+                     f"(mean {w['mean']:.1%} of their words, at most {w['max']:.1%}), image changed "
+                     f"{c['image_changed']}, unchanged {c['unchanged']}; tolerance {result.max_changed:.2%} of the pairs")
+    if result.passed:
+        lines.append(f"{head}: passed")
+    else:
+        lines.append(f"{head}: FAILED")
+        lines += [f"  {line}" for line in result.failures if line not in result.differences or result.mode != "exact"]
+    return "\n".join(lines)
+
+
 def audit(repo: str | Path = ".", rev: str = "HEAD", keep: str | Path | None = None,
-          remote: str | None = None) -> AuditResult:
-    """Rebuild `rev` of `repo` from its DVC-tracked inputs alone and compare the new dvc.lock with the committed one."""
+          remote: str | None = None, mode: str = "exact", max_changed: float = DEFAULT_MAX_CHANGED) -> AuditResult:
+    """Rebuild `rev` of `repo` from its DVC-tracked inputs alone in a fresh clone and judge it by `mode`
+    (module docstring): `exact` compares the dvc.locks byte for byte, with model answers from the
+    verified item cache; `recompute` makes every model call again and judges the dataset diff."""
+    if mode not in AUDIT_MODES:
+        raise PathgenError(f"pathgen audit: --mode must be one of {', '.join(AUDIT_MODES)}, got '{mode}'")
+    if not 0.0 <= max_changed <= 1.0:
+        raise PathgenError(f"pathgen audit: --max-changed must be a share between 0 and 1, got {max_changed}")
     repo = Path(_run(["git", "rev-parse", "--show-toplevel"], Path(repo), "pathgen audit").stdout.strip())
     workdir = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="pathgen-audit-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -153,12 +282,36 @@ def audit(repo: str | Path = ".", rev: str = "HEAD", keep: str | Path | None = N
             fetch = [tool("dvc"), "pull", "--remote", remote] if remote else [tool("dvc"), "checkout"]
             _run(fetch + inputs, clone, "pathgen audit: the DVC-tracked inputs are not all in the cache "
                  "(run `dvc commit` or `dvc push` in the source repo)")
+        item_cache = workdir / "item-cache"
+        result = AuditResult(rev, [], workdir=workdir if keep else None, mode=mode, max_changed=max_changed)
+        if mode == "exact":
+            params = yaml.safe_load((clone / "params.yaml").read_text()) or {}
+            source = Path(os.environ.get(CACHE_ENV) or (params.get("cache") or {}).get("root") or "cache")
+            source = source if source.is_absolute() else repo / source
+            from pathgen.store.cache import verify
+
+            result.cache = verify(source) if source.is_dir() else {"segments": 0, "items": 0, "bytes": 0, "problems": []}
+            result.cache["root"] = str(source)
+            result.failures += [f"item cache: {line}" for line in result.cache["problems"]]
+            if result.failures:
+                return result  # a damaged cache would serve answers that no key vouches for
+            if source.is_dir():
+                _mirror_cache(source, item_cache)
+        item_cache.mkdir(exist_ok=True)  # recompute: empty, so every model call is made again
         # The clone's own code runs its stages, not the installed package.
-        env = _env({"PYTHONPATH": os.pathsep.join(filter(None, [str(clone), os.environ.get("PYTHONPATH")]))})
+        env = _env({"PYTHONPATH": os.pathsep.join(filter(None, [str(clone), os.environ.get("PYTHONPATH")])),
+                    CACHE_ENV: str(item_cache)})
         _run([tool("dvc"), "repro", "--no-run-cache"], clone, "pathgen audit: dvc repro", env=env, capture=False)
         rebuilt = (clone / "dvc.lock").read_text()
-        stages = sorted((yaml.safe_load((clone / "dvc.yaml").read_text()) or {}).get("stages", {}))
-        return AuditResult(rev, stages, lock_differences(committed, rebuilt), workdir if keep else None)
+        result.stages = sorted((yaml.safe_load((clone / "dvc.yaml").read_text()) or {}).get("stages", {}))
+        result.differences = lock_differences(committed, rebuilt)
+        result.recomputed = _written_items(item_cache)
+        if mode == "exact":
+            result.failures += result.differences
+        else:
+            result.diff = recompute_diff(clone, rev)
+            result.failures += judge_diff(result.diff, max_changed)
+        return result
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -573,6 +573,54 @@ def cache_stats(root: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def verify(root: str | os.PathLike) -> dict[str, Any]:
+    """Check every entry of the cache at `root` against its content address.
+
+    A fingerprint directory must be named by its `fingerprint.txt` (`fingerprint_dir_name`); a
+    segment must be named by the sha256 of its bytes, and every line of it must be a well-formed
+    item (a 64-hex key, a JSON value) in strictly increasing key order. So a value is served only
+    under the key the writer computed from (fingerprint, input bytes), and bit rot, truncation or
+    a hand edit are found. Returns {"segments", "items", "bytes", "problems": [one line each]}.
+    """
+    problems: list[str] = []
+    segments = items = size = 0
+    root = Path(root)
+    for agent, directory in _fingerprint_dirs(root, None):
+        where = f"{agent}/{directory.name}"
+        fingerprint = _read_fingerprint(directory)
+        if fingerprint is None:
+            problems.append(f"{where}: no {FINGERPRINT_FILE}")
+        elif fingerprint_dir_name(fingerprint) != directory.name:
+            problems.append(f"{where}: {FINGERPRINT_FILE} names another directory ({fingerprint_dir_name(fingerprint)})")
+        for name, seg_size in _list_segments(directory):
+            try:
+                data = (directory / name).read_bytes()
+            except FileNotFoundError:
+                continue  # removed by a compaction since the listing
+            segments += 1
+            size += seg_size
+            if f"seg-{hashlib.sha256(data).hexdigest()[:32]}.jsonl" != name:
+                problems.append(f"{where}/{name}: its bytes do not hash to its name (damaged or edited)")
+                continue
+            lines = data.split(b"\n")
+            if lines[-1]:
+                problems.append(f"{where}/{name}: the last line is not terminated")
+                continue
+            previous = b""
+            for number, line in enumerate(lines[:-1], 1):
+                line += b"\n"
+                key = _line_key(line)
+                if key is None or _decode_line(line, key.decode("ascii")) is _MISSING:
+                    problems.append(f"{where}/{name}: line {number} is not a cache item")
+                    break
+                if key <= previous:
+                    problems.append(f"{where}/{name}: line {number} is out of key order")
+                    break
+                previous = key
+                items += 1
+    return {"segments": segments, "items": items, "bytes": size, "problems": problems}
+
+
 def _human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
