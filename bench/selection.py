@@ -10,7 +10,7 @@ peak RSS (ru_maxrss) is its own; the process's baseline (Python, torch, sklearn 
 printed too.
 
   new  select_patches as it is now: torch k-means (float64 on the CPU), one k-means++ init, Lloyd in
-       distance blocks (`--old-ref b64595f` compares it with the float32 version before)
+       distance blocks (`--variants new,old --old-ref b64595f`: against the float32 version, same params)
   sk32 select_patches as now but with sklearn's KMeans in float32, n_init=1, max_iter=100 in place of
        the torch k-means (the other candidate for the CPU path)
   old  select_patches of commit `--old-ref` (default OLD_REF, the last one before this change: sklearn
@@ -96,14 +96,15 @@ def one(which: str, n: int, dim: int, old_ref: str) -> dict:
         path.write_text(source)
         spec = importlib.util.spec_from_file_location("select_old", path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules["select_old"] = module  # its dataclasses look their module up
         spec.loader.exec_module(module)
-        params = OLD_PARAMS
+        params = OLD_PARAMS if old_ref == OLD_REF else PARAMS  # another ref: the current params
     features16, coords, report, attribute = synthetic(n, dim)
     features = features16.astype(np.float32)  # as read_embeddings returns them
     del features16
     baseline_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     timing = {}
-    name = "kmeans_labels" if which == "old" else "kmeans"
+    name = "kmeans_labels" if which == "old" and old_ref == OLD_REF else "kmeans"  # what select_patches calls
     inner = getattr(module, name)
 
     def timed(*args, **kwargs):
