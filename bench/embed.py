@@ -38,7 +38,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pathgen.config import load_params  # noqa: E402
-from pathgen.models.clip import ClipModel, encode_images, load_clip  # noqa: E402
+from pathgen.models.clip import ClipModel, encode_images, load_clip, with_dtype  # noqa: E402
 from pathgen.steps.embed import (  # noqa: E402
     PRECISIONS, ModelInput, PatchDataset, embed_patches, resolve_precision, run_embed, weights_dtype)
 from pathgen.store.io import encode_jpeg  # noqa: E402
@@ -188,8 +188,7 @@ def main() -> None:
 
     model_clip = random_clip(clip, args.model) if args.model else clip
     precision = resolve_precision(params["embed"]["precision"], model_clip.device)
-    model_clip.dtype = weights_dtype(precision)
-    model_clip.model.to(model_clip.dtype)
+    model_clip = with_dtype(model_clip, weights_dtype(precision))  # bench_forward calls encode_images itself
     n_e2e = sum(min(limit or g.height, g.height) for g in grids.values())
     forward_rate, _ = rate(bench_forward, model_clip, ModelInput(model_clip.preprocess, model_clip.input_size),
                            min(n_e2e, 4 * batch_size), batch_size, precision)

@@ -18,7 +18,8 @@ import yaml
 from conftest import BIN, ROOT, planned_jobs, run, snakemake
 
 from pathgen.lineage.dvc_yaml import stale_lock_stages
-from pathgen.lineage.versioning import judge_diff, lock_differences, word_change
+from pathgen.lineage.diff import word_change
+from pathgen.lineage.versioning import judge_diff, lock_differences
 
 INPUTS = ["data/demo", "data/slides.tsv", "models/tiny-clip", "models/tiny-llava", "models/tiny-llm"]
 

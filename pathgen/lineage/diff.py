@@ -145,11 +145,22 @@ def open_version(repo: str | Path, rev: str | None) -> Iterator[Version]:
 
 # -- comparing ------------------------------------------------------------------------------------
 
+def _word_matcher(old: str | None, new: str | None) -> difflib.SequenceMatcher:
+    """difflib's matcher over the whitespace-split words of two captions."""
+    return difflib.SequenceMatcher(None, (old or "").split(), (new or "").split(), autojunk=False)
+
+
 def word_ops(old: str | None, new: str | None) -> list[tuple[str, str, str]]:
     """(tag, old words, new words) of a word-level diff (difflib opcodes on whitespace-split words)."""
-    a, b = (old or "").split(), (new or "").split()
-    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    matcher = _word_matcher(old, new)
+    a, b = matcher.a, matcher.b
     return [(tag, " ".join(a[i1:i2]), " ".join(b[j1:j2])) for tag, i1, i2, j1, j2 in matcher.get_opcodes()]
+
+
+def word_change(old: str | None, new: str | None) -> float:
+    """The share of words that differ between two captions: 1 - difflib's ratio over their words."""
+    matcher = _word_matcher(old, new)
+    return 1.0 - matcher.ratio() if matcher.a or matcher.b else 0.0
 
 
 def word_diff(old: str | None, new: str | None) -> str:
